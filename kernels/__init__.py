@@ -1,0 +1,75 @@
+"""Operator kernels shared by the trainer and every rollout engine.
+
+One folder per operator: ``reference.py`` is readable PyTorch and the numerical truth, ``triton.py`` (where
+present) the GPU implementation, and ``__init__.py`` the public function that validates its inputs and
+dispatches. The trainer and the rollout engines call only the public functions, and a single process-wide
+:class:`KernelMode` chooses the implementation for both sides, which is what keeps their numerics identical.
+
+``batch_invariant=True`` (the default, and the mode RL uses) makes every op's result for one token independent
+of batch size, padding, and whether the token arrives in a prefill or a decode step. How, op by op, is in
+``kernels/batch_invariant/reference.py``. ``batch_invariant=False`` selects the plain, faster formulations
+(chunked linear attention, fused SDPA, plain GEMMs); the model benchmark measures the difference.
+
+The Triton kernels are used only where they keep that property (row-wise kernels), or where the mode is
+not invariant (chunked linear attention for training throughput).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Literal
+
+Backend = Literal["reference", "triton"]
+BACKENDS: tuple[str, ...] = ("reference", "triton")
+
+
+@dataclass(frozen=True)
+class KernelMode:
+    backend: Backend = "reference"
+    batch_invariant: bool = True
+
+
+_MODE = KernelMode()
+
+
+def get_mode() -> KernelMode:
+    return _MODE
+
+
+def set_mode(backend: Backend | None = None, batch_invariant: bool | None = None) -> KernelMode:
+    """Set the process-wide kernel mode; returns the previous one."""
+    global _MODE
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    previous = _MODE
+    changes = {}
+    if backend is not None:
+        changes["backend"] = backend
+    if batch_invariant is not None:
+        changes["batch_invariant"] = bool(batch_invariant)
+    _MODE = replace(_MODE, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def kernel_mode(backend: Backend | None = None, batch_invariant: bool | None = None) -> Iterator[KernelMode]:
+    previous = set_mode(backend, batch_invariant)
+    try:
+        yield _MODE
+    finally:
+        set_mode(previous.backend, previous.batch_invariant)
+
+
+def triton_module(op: str):
+    """Import ``kernels.<op>.triton`` lazily so the reference path never needs Triton installed."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"kernels.{op}.triton")
+    except ImportError as err:
+        raise ImportError(
+            f"kernel backend 'triton' needs the triton package for op {op!r}: pip install 'rlplat[gpu]' "
+            f"(on a CPU machine set TRITON_INTERPRET=1 as well) ({err})"
+        ) from err

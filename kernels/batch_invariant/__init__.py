@@ -1,0 +1,27 @@
+"""Batch-invariant matmul and the primitives the other invariant kernels are built from."""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels._checks import check_float
+from kernels.batch_invariant import reference
+from kernels.batch_invariant.reference import TILE_M, sigmoid, silu, tree_sum
+
+__all__ = ["TILE_M", "linear", "sigmoid", "silu", "tree_sum"]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for x [..., K], weight [N, K]; batch-invariant unless the kernel mode turns it off."""
+    check_float("x", x)
+    check_float("weight", weight)
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: x [..., K] and weight [N, K] must share K; got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise ValueError(f"linear: x is {x.dtype} but weight is {weight.dtype}; cast one of them first")
+    if kernels.get_mode().batch_invariant:
+        return reference.linear(x, weight)
+    return reference.plain_linear(x, weight)

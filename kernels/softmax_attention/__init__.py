@@ -1,0 +1,34 @@
+"""Public softmax-attention op (prefill and decode share it; see reference.py for the masking rule)."""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+from kernels._checks import check_float, check_ndim
+from kernels.softmax_attention import reference
+
+
+def softmax_attention(
+    q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal GQA attention. q [B,Tq,H,D], k/v [B,Tk,G,D] (H divisible by G), q_pos [B,Tq] absolute positions."""
+    check_ndim("q", q_BTHD, 4, "B, Tq, H, D")
+    check_ndim("k", k_BTGD, 4, "B, Tk, G, D")
+    for name, t in (("q", q_BTHD), ("k", k_BTGD), ("v", v_BTGD)):
+        check_float(name, t)
+    B, Tq, H, D = q_BTHD.shape
+    if k_BTGD.shape[0] != B or k_BTGD.shape[3] != D or v_BTGD.shape != k_BTGD.shape:
+        raise ValueError(
+            f"softmax_attention: k and v must be [B={B}, Tk, G, D={D}] and equal; "
+            f"got k {tuple(k_BTGD.shape)}, v {tuple(v_BTGD.shape)}"
+        )
+    if H % k_BTGD.shape[2]:
+        raise ValueError(
+            f"softmax_attention: {H} query heads are not divisible by {k_BTGD.shape[2]} kv heads"
+        )
+    if tuple(q_pos_BT.shape) != (B, Tq):
+        raise ValueError(f"softmax_attention: q_pos must be [B={B}, Tq={Tq}], got {tuple(q_pos_BT.shape)}")
+    if kernels.get_mode().batch_invariant:
+        return reference.attention_invariant(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
+    return reference.attention_plain(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
