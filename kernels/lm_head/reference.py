@@ -1,7 +1,7 @@
 """Fused LM head: per-token log-prob of a target and entropy, in fp32, one chunk of rows at a time.
 
 Legend: N tokens, D hidden, V vocab, c rows per chunk.
-z = (h · Wᵀ) / temperature (fp32); logp(y) = z_y − logsumexp(z); entropy = logsumexp(z) − Σ softmax(z) · z.
+z = (h · Wᵀ) / temperature (fp32); logp(y) = z_y − logsumexp(z); entropy = −Σ p·log p with p = softmax(z).
 Forward and backward both walk the rows in chunks and recompute the chunk's logits, so at most one
 [c, V] block of logits (plus its softmax) is alive, never [N, V]. Backward, with p = softmax(z) and
 H the entropy: ∂logp/∂z = onehot(y) − p, ∂H/∂z_k = −p_k (log p_k + H).
@@ -34,9 +34,10 @@ class _FusedLMHead(torch.autograd.Function):
             z, lse = _chunk_stats(h_ND[r0 : r0 + chunk_rows], w, temperature, invariant)
             t = targets_N[r0 : r0 + chunk_rows]
             logp[r0 : r0 + chunk_rows] = z.gather(1, t[:, None])[:, 0] - lse
-            p = torch.exp(z - lse[:, None])
-            pz = tree_sum(p * z, dim=-1) if invariant else (p * z).sum(-1)
-            entropy[r0 : r0 + chunk_rows] = lse - pz
+            # −Σ p·(z − lse), not lse − Σ p·z: the latter cancels two numbers of the size of the logits
+            log_p = z - lse[:, None]
+            plogp = torch.exp(log_p) * log_p
+            entropy[r0 : r0 + chunk_rows] = -(tree_sum(plogp, dim=-1) if invariant else plogp.sum(-1))
         ctx.save_for_backward(h_ND, w_VD, targets_N, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.invariant = temperature, chunk_rows, invariant
         return logp, entropy

@@ -1,0 +1,12 @@
+"""``rlplat bench …``: benchmarks that report only after a correctness check and write a dated result file
+naming the hardware (see ``rlplat.bench.common``)."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from rlplat.bench import model
+
+    p = sub.add_parser("bench", help="benchmarks (results are written to a file naming the hardware)")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    model.register(bench_sub)

@@ -1,0 +1,49 @@
+"""The ``rlplat`` command line. Each subcommand lives with what it drives and registers itself here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    from rlplat.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _register_config(sub) -> None:
+    p = sub.add_parser("config", help="inspect experiment configs")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser("show", help="print the resolved, validated config")
+    show.add_argument("config", help="YAML experiment file")
+    show.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    show.set_defaults(func=_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from rlplat.bench import register as register_bench
+
+    parser = argparse.ArgumentParser(prog="rlplat", description="RL post-training for hybrid MoE models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _register_config(sub)
+    register_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as err:  # bad user input: one clear message, no traceback
+        console = Console(stderr=True)
+        console.print("error:", style="bold red", end=" ")
+        console.print(str(err), markup=False, highlight=False)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

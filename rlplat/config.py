@@ -1,0 +1,140 @@
+"""Typed experiment configuration: YAML (plain data) + ``a.b=c`` overrides → closed pydantic models.
+
+Each section's model lives next to what it configures. This module mounts them into one
+``ExperimentConfig`` and turns validation failures into messages that name the full key path and what is
+allowed, e.g. ``model.precison: unknown key; did you mean 'precision'? (allowed: preset, path, precision, ...)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    """Base of every config section: closed (unknown keys are errors) and validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    preset: str | None = Field(
+        "tiny", description="Built-in model preset (see rlplat.models.PRESETS); null to use `path`."
+    )
+    path: str | None = Field(
+        None, description="HF-format checkpoint directory (config.json + safetensors + tokenizer)."
+    )
+    precision: Literal["fp32", "bf16", "fp8"] = Field(
+        "fp32",
+        description="fp32, bf16, or fp8 (bf16 weights with blockwise-e4m3 GEMM inputs in linear layers).",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="HF config.json fields to change on the preset, by their HF names."
+    )
+    seed: int = Field(0, description="Seed of the random initialisation when starting from a preset.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.preset is None) == (self.path is None):
+            raise ValueError("set exactly one of model.preset and model.path")
+        if self.preset is not None:
+            from rlplat.models.presets import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        return self
+
+
+class KernelSection(Section):
+    backend: Literal["reference", "triton"] = Field(
+        "reference", description="Kernel implementation for trainer and rollout alike (triton needs a GPU)."
+    )
+    batch_invariant: bool = Field(
+        True,
+        description="Bitwise batch/prefill/decode-invariant kernels (required for exact rollout alignment).",
+    )
+
+
+class RunSection(Section):
+    name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>-<timestamp>.")
+    output_dir: str = Field("runs", description="Where run directories are created.")
+    seed: int = Field(0, description="Global seed (data order, sampling).")
+
+
+class ExperimentConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection, description="The policy model.")
+    kernels: KernelSection = Field(
+        default_factory=KernelSection, description="Kernel backend and invariance mode."
+    )
+    run: RunSection = Field(default_factory=RunSection, description="Run directory, name and seed.")
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (nested) pydantic model that owns ``loc[:-1]``."""
+    current: Any = model
+    for part in loc[:-1]:
+        if (
+            not (isinstance(current, type) and issubclass(current, BaseModel))
+            or part not in current.model_fields
+        ):
+            return None
+        annotation = current.model_fields[part].annotation
+        current = annotation
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] = ExperimentConfig) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, loc) or []
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            suggestion = f"did you mean {hint[0]!r}? " if hint else ""
+            lines.append(f"  {path}: unknown key; {suggestion}(allowed: {', '.join(allowed)})")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {path}: {e['msg']}{shown}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a YAML experiment file (or defaults when ``path`` is None) with ``a.b=c`` overrides, validated."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ValueError(f"override {item!r} is not of the form key.path=value")
+    try:
+        base = OmegaConf.create({}) if path is None else OmegaConf.load(_existing(path))
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ValueError(f"could not read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping at the top level")
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(format_validation_error(err)) from None
+
+
+def _existing(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    return p
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))

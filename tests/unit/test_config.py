@@ -1,0 +1,77 @@
+"""Typed, closed experiment configs: YAML + overrides, errors with full key paths, `rlplat config show`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlplat.cli import main
+from rlplat.config import ExperimentConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    assert isinstance(load_config(path), ExperimentConfig)
+
+
+def test_overrides_apply():
+    cfg = load_config(
+        ROOT / "configs/tiny_math.yaml", ["model.precision=bf16", "kernels.batch_invariant=false"]
+    )
+    assert cfg.model.precision == "bf16" and cfg.kernels.batch_invariant is False
+
+
+def test_unknown_key_names_path_and_allowed(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: tiny\n  precison: bf16\n")
+    with pytest.raises(ValueError) as err:
+        load_config(bad)
+    msg = str(err.value)
+    assert "model.precison: unknown key" in msg and "did you mean 'precision'" in msg and "allowed:" in msg
+
+
+def test_bad_values_and_overrides():
+    with pytest.raises(ValueError, match=r"model\.precision.*'fp32', 'bf16' or 'fp8'"):
+        load_config(None, ["model.precision=fp4"])
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, ["trainer.lr=1"])
+    with pytest.raises(ValueError, match=r"key\.path=value"):
+        load_config(None, ["model.precision"])
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config(None, ["model.preset=huge"])
+    with pytest.raises(ValueError, match=r"exactly one of model\.preset and model\.path"):
+        load_config(None, ["model.path=/x"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config("/nonexistent.yaml")
+
+
+def test_every_field_is_described():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann)
+
+    walk(ExperimentConfig)
+
+
+def test_config_show_cli(capsys):
+    assert main(["config", "show", str(ROOT / "configs/tiny_math.yaml"), "model.precision=fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "precision: fp8" in out and "batch_invariant: true" in out
+    assert main(["config", "show", str(ROOT / "configs/tiny_math.yaml"), "model.bogus=1"]) == 2
+    assert "model.bogus: unknown key" in capsys.readouterr().err
+
+
+def test_console_script_installed():
+    exe = Path(sys.executable).with_name("rlplat")
+    out = subprocess.run(
+        [str(exe), "config", "show", str(ROOT / "configs/tiny_math.yaml")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "preset: tiny" in out.stdout
