@@ -10,8 +10,11 @@ of batch size, padding, and whether the token arrives in a prefill or a decode s
 ``kernels/batch_invariant/reference.py``. ``batch_invariant=False`` selects the plain, faster formulations
 (chunked linear attention, fused SDPA, plain GEMMs); the model benchmark measures the difference.
 
-The Triton kernels are used only where they keep that property (row-wise kernels), or where the mode is
-not invariant (chunked linear attention for training throughput).
+With ``backend="triton"`` the ops that have a Triton kernel use it (compiled on a GPU; on a CPU only under
+``TRITON_INTERPRET=1``): RMSNorm, the group-norm gate, MoE routing and FP8 quantisation, which are row-wise
+and so keep batch invariance, and chunked linear attention, which is used only when ``batch_invariant`` is
+off because a chunked prefill cannot round like a decode step. Every other op has one implementation,
+so that choice cannot differ between trainer and rollout.
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ def _register_config(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rewards.cli import register as register_reward
     from rlplat.bench import register as register_bench
 
     parser = argparse.ArgumentParser(prog="rlplat", description="RL post-training for hybrid MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_config(sub)
     register_bench(sub)
+    register_reward(sub)
     return parser
 
 

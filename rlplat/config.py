@@ -15,6 +15,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rewards.config import RewardsConfig
+from rlplat.algos.config import AlgoConfig
+
 
 class Section(BaseModel):
     """Base of every config section: closed (unknown keys are errors) and validated on assignment."""
@@ -72,6 +75,8 @@ class ExperimentConfig(Section):
         default_factory=KernelSection, description="Kernel backend and invariance mode."
     )
     run: RunSection = Field(default_factory=RunSection, description="Run directory, name and seed.")
+    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward terms, weights, timeouts.")
+    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="RL objective: advantages, loss, KL, corrections.")
 
 
 # --- loading ------------------------------------------------------------------------------------------------

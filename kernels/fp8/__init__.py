@@ -27,7 +27,7 @@ def quantize_blockwise(x: torch.Tensor, block_m: int, block_k: int) -> tuple[tor
         raise ValueError(f"quantize_blockwise: block sizes must be ≥ 1, got {block_m}×{block_k}")
     if not torch.isfinite(x).all():
         raise ValueError("quantize_blockwise: x has inf or NaN values; an FP8 scale cannot represent them")
-    if kernels.get_mode().backend == "triton" and x.is_cuda:
+    if kernels.get_mode().backend == "triton":
         return kernels.triton_module("fp8").quantize_blockwise(x, block_m, block_k)
     return reference.quantize_blockwise(x, block_m, block_k)
 
@@ -43,7 +43,7 @@ def dequantize_blockwise(
         raise ValueError(
             f"dequantize_blockwise: scale must be {expected} for q {tuple(q.shape)}, got {tuple(scale.shape)}"
         )
-    if kernels.get_mode().backend == "triton" and q.is_cuda:
+    if kernels.get_mode().backend == "triton":
         return kernels.triton_module("fp8").dequantize_blockwise(q, scale, block_m, block_k, dtype)
     return reference.dequantize_blockwise(q, scale, block_m, block_k, dtype)
 

@@ -22,6 +22,6 @@ def group_rms_norm_gate(
             "choose a group_norm_size that divides num_attention_heads * head_dim"
         )
     mode = kernels.get_mode()
-    if mode.backend == "triton" and o.is_cuda:
+    if mode.backend == "triton":
         return kernels.triton_module("group_norm_gate").group_rms_norm_gate(o, gate, weight, num_groups, eps)
     return reference.group_rms_norm_gate(o, gate, weight, num_groups, eps, invariant=mode.batch_invariant)

@@ -35,7 +35,7 @@ def group_limited_topk(
             f"moe routing: top_k={top_k} must be in [1, {eligible}] (experts in the kept groups)"
         )
     mode = kernels.get_mode()
-    if mode.backend == "triton" and logits_NE.is_cuda:
+    if mode.backend == "triton":
         impl = kernels.triton_module("moe_routing")
         return impl.group_limited_topk(
             logits_NE, expert_bias_E, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob

@@ -1,0 +1,68 @@
+"""Typed config for the ``rewards:`` section of an experiment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RewardSpec(BaseModel):
+    """One reward term of the combined score."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        "math", description="Registry name (e.g. 'math'), or 'package.module:function' for a user plugin."
+    )
+    weight: float = Field(1.0, description="Weight of this term in the combined score.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
+    timeout_s: float = Field(
+        30.0, gt=0, description="Wall-clock limit per call (per sample, or per group for group rewards)."
+    )
+    fallback_score: float = Field(0.0, description="Score recorded when the reward raises or times out.")
+    group: bool | None = Field(
+        None,
+        description="Force per-group (true) or per-sample (false) calling; null = as the reward declares.",
+    )
+    label: str | None = Field(None, description="Metrics key for this term; defaults to the name.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(
+                "reward name must not be empty; use a registry name or 'package.module:function'"
+            )
+        return v
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class RewardsConfig(BaseModel):
+    """Which rewards to compute and how the runner executes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    terms: list[RewardSpec] = Field(
+        default_factory=lambda: [RewardSpec()], description="Reward terms; the score is their weighted sum."
+    )
+    max_concurrency: int = Field(
+        8, ge=1, description="Reward calls in flight at once inside one runner (threads)."
+    )
+    num_workers: int = Field(2, ge=1, description="Ray reward workers in the pool (actors/reward.py).")
+    max_response_chars: int = Field(
+        1_000_000, ge=1, description="Longer responses are not scored; each such sample records an error."
+    )
+    normalize_weights: bool = Field(False, description="Divide the weighted sum by the sum of |weights|.")
+
+    @field_validator("terms")
+    @classmethod
+    def _unique_keys(cls, v: list[RewardSpec]) -> list[RewardSpec]:
+        keys = [s.key for s in v]
+        dupes = sorted({k for k in keys if keys.count(k) > 1})
+        if dupes:
+            raise ValueError(f"duplicate reward keys {dupes}: give repeated rewards distinct 'label's")
+        return v

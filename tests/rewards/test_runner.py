@@ -1,0 +1,206 @@
+"""Registry lookups (decorator, dotted path, entry point), the runner's weights, timeouts and fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import textwrap
+import time
+
+import pytest
+
+from rewards import RewardResult, RewardRunner, Sample, reward
+from rewards.registry import resolve
+
+
+@reward("test_const")
+def const_reward(sample, value: float = 1.0):
+    return value
+
+
+@reward("test_async_len")
+async def async_len(sample, scale: float = 1.0):
+    await asyncio.sleep(0)
+    return RewardResult(score=len(sample.response) * scale, verdict="ok")
+
+
+@reward("test_group_rank", group=True)
+def group_rank(samples):
+    order = sorted(range(len(samples)), key=lambda i: samples[i].response)
+    return [float(order.index(i)) for i in range(len(samples))]
+
+
+@reward("test_class")
+class Counter:
+    def __init__(self, start: int = 0):
+        self.n = start
+
+    def __call__(self, sample):
+        self.n += 1
+        return float(self.n)
+
+
+def sleepy(sample, seconds: float = 5.0):
+    time.sleep(seconds)
+    return 1.0
+
+
+async def async_sleepy(sample):
+    await asyncio.sleep(5)
+    return 1.0
+
+
+def boom(sample):
+    raise RuntimeError("reward bug")
+
+
+def wrong_type(sample):
+    return "1.0"
+
+
+def test_decorator_dotted_and_class():
+    assert resolve("test_const").fn is const_reward
+    assert resolve("tests.rewards.test_runner:sleepy").fn is sleepy
+    with pytest.raises(ValueError, match="unknown reward"):
+        resolve("no_such_reward")
+    with pytest.raises(ValueError, match="cannot import"):
+        resolve("no_such_pkg.mod:fn")
+    with pytest.raises(ValueError, match="already registered"):
+        reward("test_const")(lambda s: 0.0)
+    runner = RewardRunner({"terms": [{"name": "test_class", "args": {"start": 10}}]})
+    assert [r.score for r in runner.score([Sample(), Sample()])] == [11.0, 12.0]
+
+
+def test_entry_point_plugin(tmp_path, monkeypatch):
+    """A real distribution on sys.path that ships a reward through the rlplat.rewards entry-point group."""
+    (tmp_path / "rlplat_tiny_plugin").mkdir()
+    (tmp_path / "rlplat_tiny_plugin" / "__init__.py").write_text("def tiny(sample):\n    return 0.25\n")
+    dist = tmp_path / "rlplat_tiny_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rlplat-tiny-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent("[rlplat.rewards]\ntiny_plugin = rlplat_tiny_plugin:tiny\n")
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    d = resolve("tiny_plugin")
+    assert d.fn(Sample()) == 0.25
+    assert RewardRunner({"terms": [{"name": "tiny_plugin"}]}).score([Sample()])[0].score == 0.25
+    sys.modules.pop("rlplat_tiny_plugin", None)
+
+
+def test_weights_components_and_groups():
+    runner = RewardRunner(
+        {
+            "terms": [
+                {"name": "test_const", "weight": 0.5, "args": {"value": 2.0}},
+                {"name": "test_async_len", "weight": 2.0, "args": {"scale": 0.1}},
+                {"name": "test_group_rank", "weight": 1.0},
+            ]
+        }
+    )
+    samples = [
+        Sample(prompt="p", response="bb"),
+        Sample(prompt="p", response="a"),
+        Sample(prompt="q", response="zzz"),
+    ]
+    out = runner.score(samples)
+    assert out[0].components["test_const"].score == 2.0
+    assert out[0].components["test_async_len"].score == pytest.approx(0.2)
+    assert [o.components["test_group_rank"].score for o in out] == [1.0, 0.0, 0.0]
+    assert out[0].score == pytest.approx(0.5 * 2.0 + 2.0 * 0.2 + 1.0)
+    m = runner.metrics()
+    assert m["reward/test_const/calls"] == 3 and m["reward/test_group_rank/calls"] == 2
+
+
+def test_timeouts_errors_and_fallbacks_never_stop_the_run():
+    runner = RewardRunner(
+        {
+            "terms": [
+                {
+                    "name": "tests.rewards.test_runner:sleepy",
+                    "timeout_s": 0.2,
+                    "fallback_score": -1.0,
+                    "label": "slow",
+                },
+                {
+                    "name": "tests.rewards.test_runner:async_sleepy",
+                    "timeout_s": 0.2,
+                    "fallback_score": -2.0,
+                    "label": "aslow",
+                },
+                {"name": "tests.rewards.test_runner:boom", "fallback_score": -3.0, "label": "boom"},
+                {"name": "tests.rewards.test_runner:wrong_type", "label": "wrong"},
+                {"name": "test_const", "label": "ok"},
+            ]
+        }
+    )
+    t0 = time.perf_counter()
+    out = runner.score([Sample(response="x")] * 4)
+    assert time.perf_counter() - t0 < 2.0  # 4 sleepy calls run concurrently and are abandoned at 0.2 s
+    c = out[0].components
+    assert (c["slow"].score, c["slow"].verdict) == (-1.0, "timeout")
+    assert (c["aslow"].score, c["aslow"].verdict) == (-2.0, "timeout")
+    assert c["boom"].score == -3.0 and "RuntimeError: reward bug" in c["boom"].error
+    assert "must return a float or RewardResult" in c["wrong"].error
+    assert c["ok"].score == 1.0 and c["ok"].error is None
+    m = runner.metrics()
+    assert m["reward/slow/timeouts"] == 4 and m["reward/boom/errors"] == 4 and m["reward/ok/errors"] == 0
+    assert m["reward/abandoned_threads"] == 4
+
+
+def test_slow_reward_does_not_hold_up_others():
+    runner = RewardRunner(
+        {
+            "terms": [{"name": "tests.rewards.test_runner:sleepy", "args": {"seconds": 0.3}}],
+            "max_concurrency": 8,
+        }
+    )
+    t0 = time.perf_counter()
+    runner.score([Sample()] * 8)
+    assert time.perf_counter() - t0 < 1.5
+
+
+def test_bad_input_is_a_per_sample_error():
+    runner = RewardRunner({"terms": [{"name": "math"}, {"name": "test_const"}], "max_response_chars": 1000})
+    samples = [
+        Sample(response="\\boxed{4}", label="4"),
+        Sample(response="bad \udcff surrogate", label="4"),
+        Sample(response="9" * 5000, label="4"),
+        Sample(response="no label here"),
+        "not a sample",
+        Sample(response=b"bytes"),  # type: ignore[arg-type]
+        Sample(response="\\boxed{4}", label={"weird": "label"}),
+    ]
+    out = runner.score(samples)  # type: ignore[arg-type]
+    assert out[0].score == 2.0 and not out[0].errors
+    assert "UTF-8" in out[1].errors["math"]
+    assert "max_response_chars" in out[2].errors["math"]
+    assert out[3].components["math"].verdict == "no_label" and out[3].components["math"].error
+    assert "expected a Sample" in out[4].errors["math"]
+    assert "must be str" in out[5].errors["math"]
+    assert "TypeError" in out[6].errors["math"]
+    assert runner.metrics()["reward/invalid_samples"] == 4
+
+
+def test_score_inside_event_loop_says_what_to_do():
+    runner = RewardRunner({"terms": [{"name": "test_const"}]})
+
+    async def inner():
+        with pytest.raises(RuntimeError, match="ascore"):
+            runner.score([Sample()])
+        return await runner.ascore([Sample()])
+
+    assert asyncio.run(inner())[0].score == 1.0
+
+
+def test_sample_from_dict_validation():
+    s = Sample.from_dict(
+        {"prompt": "p", "response": "r", "label": "1", "id": 7, "system": "detailed thinking on"}
+    )
+    assert s.metadata == {"id": 7, "system": "detailed thinking on"}
+    with pytest.raises(TypeError, match="response"):
+        Sample.from_dict({"response": 5})
+    with pytest.raises(TypeError, match="JSON object"):
+        Sample.from_dict([1, 2])
