@@ -27,12 +27,16 @@ def _register_config(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from rewards.cli import register as register_reward
     from rlplat.bench import register as register_bench
+    from rlplat.dashboard import register as register_dashboard
+    from rlplat.engine.cli import register as register_engine
 
     parser = argparse.ArgumentParser(prog="rlplat", description="RL post-training for hybrid MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_config(sub)
     register_bench(sub)
     register_reward(sub)
+    register_engine(sub)
+    register_dashboard(sub)
     return parser
 
 

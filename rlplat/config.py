@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rewards.config import RewardsConfig
 from rlplat.algos.config import AlgoConfig
+from rlplat.buffer import RedisConfig
+from rlplat.engine.config import RolloutConfig
+from rlplat.runlog import WandbConfig
 
 
 class Section(BaseModel):
@@ -75,8 +78,20 @@ class ExperimentConfig(Section):
         default_factory=KernelSection, description="Kernel backend and invariance mode."
     )
     run: RunSection = Field(default_factory=RunSection, description="Run directory, name and seed.")
-    rewards: RewardsConfig = Field(default_factory=RewardsConfig, description="Reward terms, weights, timeouts.")
-    algo: AlgoConfig = Field(default_factory=AlgoConfig, description="RL objective: advantages, loss, KL, corrections.")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig,
+        description="Rollout backend, batch size, sampling defaults, alignment check.",
+    )
+    rewards: RewardsConfig = Field(
+        default_factory=RewardsConfig, description="Reward terms, weights, timeouts."
+    )
+    algo: AlgoConfig = Field(
+        default_factory=AlgoConfig, description="RL objective: advantages, loss, KL, corrections."
+    )
+    wandb: WandbConfig = Field(
+        default_factory=WandbConfig, description="Weights & Biases logging (offline by default)."
+    )
+    redis: RedisConfig = Field(default_factory=RedisConfig, description="Experience stream for async mode.")
 
 
 # --- loading ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from rlplat.models import RingLinearForCausalLM, enable_fp8, preset
+from rlplat.models import RingLinearForCausalLM, preset, to_precision
 
 LENGTHS = (1, 63, 64, 65, 300)
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -27,13 +27,11 @@ def model(request):
         if hasattr(layer.mlp, "gate"):
             layer.mlp.gate.expert_bias.copy_(torch.randn(layer.mlp.gate.expert_bias.shape) * 0.05)
             layer.mlp.gate.weight.data.mul_(20)
-    if request.param in ("bf16", "fp8"):
-        m = m.to(torch.bfloat16)
-        for layer in m.model.layers:
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.expert_bias.data = layer.mlp.gate.expert_bias.float()
-    if request.param == "fp8":
-        assert enable_fp8(m) > 0
+    m = to_precision(m, request.param)
+    assert (
+        m.model.rope_cos.dtype == torch.float32
+        and m.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
+    )
     return m.eval()
 
 

@@ -1,0 +1,130 @@
+"""The run directory's file formats and the canonical metric keys: the one place the RL loop (writer, through
+``rlplat.runlog.RunLog``) and the dashboard (reader) agree on names.
+
+A run directory holds:
+
+- ``config.yaml``: the resolved experiment config (shown collapsed on the dashboard).
+- ``metrics.jsonl``: one JSON object per line, one line per step, appended and fsynced as the step ends::
+
+      {"step": 12, "time": 1767225600.5, "reward/mean": 0.41, "accuracy/train": 0.38, "time/train_s": 2.1, ...}
+
+  ``step`` (int >= 0) and ``time`` (Unix seconds, added by ``RunLog``) are always there; every other value is a
+  number, or ``null`` for NaN/inf (strict JSON; the chart shows a gap). Keys are the constants below; a metric
+  the loop does not compute is simply absent (its chart says "no data yet"), and extra keys are allowed (they
+  appear in the page's "all metrics" table). Metrics logged on some steps only (``accuracy/eval`` every
+  ``eval_every`` steps) are absent on the others. If a step appears twice (a resumed run redid it), the later
+  line wins. A line cut short by a crash is skipped by the reader and noted on the page.
+- ``rollouts.jsonl``: sampled rollouts, one JSON object per rollout, appended per step::
+
+      {"step": 12, "prompt": "What is 3+4?", "response": "7", "reward": 1.0,
+       "mismatch": {"num_tokens": 2, "max_abs_dlogp": 0.0, "mean_abs_dlogp": 0.0, "kl": 0.0,
+                    "masked_fraction": 0.0}}
+
+  ``mismatch`` is the per-token train–inference comparison of that response (``|log pi_train - log
+  pi_rollout|`` over its tokens, k3 KL(pi_rollout || pi_train), share of tokens IcePop masked); see
+  ``rlplat.runlog.mismatch_summary``. Extra keys (``correct``, ``policy_version``, ...) are kept and shown.
+- ``dashboard.html``: written by ``RunLog.write_dashboard`` / ``rlplat.dashboard.render_dashboard``.
+- ``wandb/``: the wandb run (offline by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+METRICS_FILE = "metrics.jsonl"
+ROLLOUTS_FILE = "rollouts.jsonl"
+CONFIG_FILE = "config.yaml"
+DASHBOARD_FILE = "dashboard.html"
+WANDB_DIR = "wandb"
+
+STEP = "step"
+TIME = "time"
+
+REWARD_MEAN = "reward/mean"
+REWARD_EVAL_MEAN = "reward/eval_mean"
+ACCURACY_TRAIN = "accuracy/train"
+ACCURACY_EVAL = "accuracy/eval"
+KL_REF = "kl/ref"
+MISMATCH_MAX_ABS_DLOGP = "mismatch/max_abs_dlogp"
+MISMATCH_MEAN_ABS_DLOGP = "mismatch/mean_abs_dlogp"
+MISMATCH_KL = "mismatch/kl"
+ICEPOP_MASKED_FRACTION = "icepop/masked_fraction"
+ENTROPY_MEAN = "entropy/mean"
+RESPONSE_LENGTH_MEAN = "response/length_mean"
+THROUGHPUT_ROLLOUT = "throughput/rollout_tokens_per_s"
+THROUGHPUT_TRAIN = "throughput/train_tokens_per_s"
+TIME_ROLLOUT = "time/rollout_s"
+TIME_REWARD = "time/reward_s"
+TIME_TRAIN = "time/train_s"
+TIME_WEIGHT_SYNC = "time/weight_sync_s"
+TIME_CHECKPOINT = "time/checkpoint_s"
+
+# Keys of a rollout record and of its ``mismatch`` summary.
+ROLLOUT_KEYS = ("step", "prompt", "response", "reward", "mismatch")
+ROLLOUT_MISMATCH_KEYS = ("num_tokens", "max_abs_dlogp", "mean_abs_dlogp", "kl", "masked_fraction")
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Chart:
+    id: str
+    title: str
+    y_title: str
+    series: tuple[Series, ...]
+    kind: Literal["line", "stacked_bar"] = "line"
+
+
+CHARTS: tuple[Chart, ...] = (
+    Chart(
+        "reward", "Reward", "mean reward", (Series(REWARD_MEAN, "train"), Series(REWARD_EVAL_MEAN, "eval"))
+    ),
+    Chart(
+        "accuracy",
+        "Accuracy",
+        "accuracy",
+        (Series(ACCURACY_TRAIN, "train"), Series(ACCURACY_EVAL, "held-out eval")),
+    ),
+    Chart("kl_ref", "KL to the reference", "KL(π ‖ π_ref)", (Series(KL_REF, "KL to ref"),)),
+    Chart(
+        "mismatch_dlogp",
+        "Train–inference mismatch |Δlogp|",
+        "|log π_train − log π_rollout|",
+        (Series(MISMATCH_MAX_ABS_DLOGP, "max"), Series(MISMATCH_MEAN_ABS_DLOGP, "mean")),
+    ),
+    Chart("mismatch_kl", "Mismatch KL", "KL(π_rollout ‖ π_train)", (Series(MISMATCH_KL, "mismatch KL"),)),
+    Chart(
+        "icepop",
+        "IcePop masked fraction",
+        "share of tokens masked",
+        (Series(ICEPOP_MASKED_FRACTION, "masked fraction"),),
+    ),
+    Chart("entropy", "Entropy", "mean token entropy (nats)", (Series(ENTROPY_MEAN, "entropy"),)),
+    Chart("response_length", "Response length", "tokens", (Series(RESPONSE_LENGTH_MEAN, "mean length"),)),
+    Chart(
+        "throughput",
+        "Throughput",
+        "tokens/s",
+        (Series(THROUGHPUT_ROLLOUT, "rollout"), Series(THROUGHPUT_TRAIN, "training")),
+    ),
+    Chart(
+        "step_time",
+        "Step time breakdown",
+        "seconds",
+        (
+            Series(TIME_ROLLOUT, "rollout"),
+            Series(TIME_REWARD, "reward"),
+            Series(TIME_TRAIN, "train"),
+            Series(TIME_WEIGHT_SYNC, "weight sync"),
+            Series(TIME_CHECKPOINT, "checkpoint"),
+        ),
+        kind="stacked_bar",
+    ),
+)
+
+CANONICAL_KEYS: tuple[str, ...] = tuple(s.key for chart in CHARTS for s in chart.series)

