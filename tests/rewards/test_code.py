@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ VERL_CODES = {-2: "runtime_error", -3: "timeout", -4: "compile_error"}
 
 def _cases():
     if not DATA.exists():
+        if os.environ.get("CI"):  # CI always has ../shared beside the checkout
+            raise FileNotFoundError(DATA)
         return []
     return [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,8 +14,9 @@ from rewards import Sample
 from rewards.math_reward import extract_answer, last_number, math_equal, math_reward, score_math
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
+# CI always has ../shared beside the checkout: there a missing file is a failure, not a skip.
 needs_data = pytest.mark.skipif(
-    not (DATA / "math_equivalence.jsonl").exists(), reason="shared testdata not present"
+    not (DATA / "math_equivalence.jsonl").exists() and not os.environ.get("CI"), reason="shared testdata not present"
 )
 
 
