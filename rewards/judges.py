@@ -53,6 +53,30 @@ class EngineJudge:
         return [str(o) for o in out]
 
 
+class NativeGenerator:
+    """A small rlplat model as judge, greedy: a checkpoint directory (``path``) or a preset with a seed.
+
+    Presets have no tokenizer, so they get rlplat's character tokenizer; this is what the tiny GAR config and
+    its end-to-end test use. Production judges are served models (``backend: openai``).
+    """
+
+    def __init__(
+        self, preset: str | None = "tiny", path: str | None = None, seed: int = 0, precision: str = "fp32"
+    ):
+        from rlplat.config import ModelSection
+        from rlplat.data.tokenizers import TextTokenizer, make_char_tokenizer
+        from rlplat.engine.engine import NativeEngine
+        from rlplat.engine.policy import build_policy
+
+        section = ModelSection(preset=None if path else preset, path=path, seed=seed, precision=precision)
+        tokenizer = TextTokenizer.from_dir(path) if path else TextTokenizer(make_char_tokenizer())
+        self.engine = NativeEngine(build_policy(section), tokenizer, max_batch_size=64)
+
+    def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]:
+        greedy = {"n": 1, "greedy": True, "temperature": 0.0, "max_new_tokens": max_new_tokens}
+        return [group[0].text for group in self.engine.generate_text(prompts, greedy)]
+
+
 class OpenAIJudge:
     """Referee through an OpenAI-compatible chat-completions endpoint.
 
@@ -138,7 +162,10 @@ def make_judge(spec: Any) -> Judge:
         backend = kw.pop("backend", "openai")
         if backend == "openai":
             return OpenAIJudge(**kw)
+        if backend == "native":
+            max_new_tokens = kw.pop("max_new_tokens", 16)
+            return EngineJudge(NativeGenerator(**kw), max_new_tokens=max_new_tokens)
         raise ValueError(
-            f"unknown judge backend {backend!r}; use 'openai' or register an engine judge by name"
+            f"unknown judge backend {backend!r}; use 'openai', 'native' or register an engine judge by name"
         )
     raise TypeError(f"judge must be a Judge, a registered name or a dict, got {type(spec).__name__}")

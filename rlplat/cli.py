@@ -29,14 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
     from rlplat.bench import register as register_bench
     from rlplat.dashboard import register as register_dashboard
     from rlplat.engine.cli import register as register_engine
+    from rlplat.run import register as register_run
+    from rlplat.train.cli import register as register_merge
 
     parser = argparse.ArgumentParser(prog="rlplat", description="RL post-training for hybrid MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
+    register_run(sub)
     _register_config(sub)
     register_bench(sub)
     register_reward(sub)
     register_engine(sub)
     register_dashboard(sub)
+    register_merge(sub)
     return parser
 
 

@@ -15,11 +15,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from actors.config import WorkersConfig
 from rewards.config import RewardsConfig
 from rlplat.algos.config import AlgoConfig
 from rlplat.buffer import RedisConfig
+from rlplat.data.prompts import DataConfig
 from rlplat.engine.config import RolloutConfig
 from rlplat.runlog import WandbConfig
+from rlplat.train.config import TrainerConfig
 
 
 class Section(BaseModel):
@@ -70,6 +73,19 @@ class RunSection(Section):
     name: str = Field("run", description="Run name; the run directory is <output_dir>/<name>-<timestamp>.")
     output_dir: str = Field("runs", description="Where run directories are created.")
     seed: int = Field(0, description="Global seed (data order, sampling).")
+    steps: int = Field(20, ge=1, description="RL steps (optimizer steps) to run.")
+    warm_start_steps: int = Field(
+        0, ge=0, description="Supervised warm-start steps on reference answers before RL."
+    )
+    warm_start_batch_size: int = Field(32, ge=1, description="Prompts per warm-start step.")
+    warm_start_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the warm start; null: trainer.lr."
+    )
+    eval_every: int = Field(5, ge=0, description="Evaluate held-out accuracy every N steps (0: never).")
+    checkpoint_every: int = Field(
+        10, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C)."
+    )
+    rollouts_logged: int = Field(4, ge=0, description="Rollouts per step written to rollouts.jsonl.")
 
 
 class ExperimentConfig(Section):
@@ -78,12 +94,19 @@ class ExperimentConfig(Section):
         default_factory=KernelSection, description="Kernel backend and invariance mode."
     )
     run: RunSection = Field(default_factory=RunSection, description="Run directory, name and seed.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Prompt dataset and its split.")
     rollout: RolloutConfig = Field(
         default_factory=RolloutConfig,
         description="Rollout backend, batch size, sampling defaults, alignment check.",
     )
     rewards: RewardsConfig = Field(
         default_factory=RewardsConfig, description="Reward terms, weights, timeouts."
+    )
+    trainer: TrainerConfig = Field(
+        default_factory=TrainerConfig, description="Optimizer, micro-batches, checkpoints."
+    )
+    workers: WorkersConfig = Field(
+        default_factory=WorkersConfig, description="Ray actors per role and their resources."
     )
     algo: AlgoConfig = Field(
         default_factory=AlgoConfig, description="RL objective: advantages, loss, KL, corrections."

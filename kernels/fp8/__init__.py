@@ -1,4 +1,8 @@
-"""Public blockwise-FP8 ops: quantize / dequantize (1×128 activations, 128×128 weights) and the FP8 linear."""
+"""Public blockwise-FP8 ops: quantize / dequantize (1×128 activations, 128×128 weights) and the FP8 linear.
+
+``fp8_linear`` trains: its backward quantises the gradient GEMMs' inputs too (``training.py``); its forward is
+``reference.fp8_linear`` bit for bit whether or not a gradient is recorded.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import torch
 
 import kernels
 from kernels._checks import check_float, check_ndim
-from kernels.fp8 import reference
+from kernels.fp8 import reference, training
 from kernels.fp8.reference import ACT_BLOCK, E4M3_MAX, WEIGHT_BLOCK
 
 __all__ = [
@@ -56,4 +60,4 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"fp8_linear: x [..., K] and weight [N, K] must share K; got {tuple(x.shape)}, {tuple(weight.shape)}"
         )
-    return reference.fp8_linear(x, weight, invariant=kernels.get_mode().batch_invariant)
+    return training.fp8_linear(x, weight, invariant=kernels.get_mode().batch_invariant)

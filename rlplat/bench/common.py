@@ -43,3 +43,8 @@ def write_result(kind: str, payload: dict[str, Any], out_dir: str | Path = "benc
     doc = {"benchmark": kind, "date_utc": stamp, "hardware": hardware(), **payload}
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def csv_names(csv: str) -> tuple[str, ...]:
+    """``"tiny, mid"`` → ``("tiny", "mid")`` (command-line lists)."""
+    return tuple(p.strip() for p in csv.split(",") if p.strip())

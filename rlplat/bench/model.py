@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from rlplat.bench.common import hardware, write_result
+from rlplat.bench.common import csv_names, hardware, write_result
 from rlplat.models import PRESETS, LayerCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8, preset
 from rlplat.models.ring_linear import DecoderLayer, count_parameters
 
@@ -410,16 +410,12 @@ def run(settings: Settings, out_dir: str | Path, console: Console | None = None)
     return path
 
 
-def _names(csv: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in csv.split(",") if p.strip())
-
-
 def run_from_args(args: argparse.Namespace) -> int:
     settings = Settings.quick() if args.quick else Settings()
     if args.presets:
-        settings = replace(settings, presets=_names(args.presets))
+        settings = replace(settings, presets=csv_names(args.presets))
     if args.precisions:
-        settings = replace(settings, precisions=_names(args.precisions))
+        settings = replace(settings, precisions=csv_names(args.precisions))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be ≥ 1, got {args.threads}")
     previous_threads = torch.get_num_threads()

@@ -143,6 +143,12 @@ class TextTokenizer:
         """Whether some token sequence decodes to exactly ``text`` (tested by an encode/decode round trip)."""
         return bool(text) and self.decode(self.encode(text), skip_special_tokens=False) == text
 
+    def encode_prompt(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a text prompt, or of a chat (list of messages) rendered with the chat template."""
+        if isinstance(prompt, str):
+            return self.encode(prompt, add_special_tokens=True)
+        return self.encode(self.apply_chat_template(prompt, add_generation_prompt=True))
+
     def apply_chat_template(
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:

@@ -200,10 +200,7 @@ class NativeEngine:
     # --- text in / text out ---------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a text prompt, or of a chat (list of messages) rendered with the chat template."""
-        tokenizer = self._require_tokenizer()
-        if isinstance(prompt, str):
-            return tokenizer.encode(prompt, add_special_tokens=True)
-        return tokenizer.encode(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+        return self._require_tokenizer().encode_prompt(prompt)
 
     def generate_text(
         self,

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import kernels._buffers
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -22,7 +24,7 @@ SHAPES = [(1, 1), (3, 200), (130, 257), (257, 130), (128, 128)]
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(impl, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels._buffers, "POISON_OUTPUTS", True)
 
 
 def torch_quantize(x: torch.Tensor, block_m: int, block_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import kernels._buffers
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton needs a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -23,7 +25,7 @@ EPS = 1e-5
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(impl, "_POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels._buffers, "POISON_OUTPUTS", True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

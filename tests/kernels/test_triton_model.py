@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kernels
+import kernels._buffers
 from rlplat.models import RingLinearForCausalLM, preset
 
 pytest.importorskip("triton")
@@ -19,6 +20,9 @@ def test_model_on_triton_backend_is_invariant_and_matches_reference():
         with kernels.kernel_mode(backend="triton"):
             full, _ = model.token_logprobs(seq[None, :-1], seq[None, 1:])
             cache = model.new_cache(1)
-            steps = [model.token_logprobs(seq[None, t : t + 1], seq[None, t + 1 : t + 2], cache=cache)[0][0] for t in range(6)]
+            steps = [
+                model.token_logprobs(seq[None, t : t + 1], seq[None, t + 1 : t + 2], cache=cache)[0][0]
+                for t in range(6)
+            ]
     assert torch.equal(full[0], torch.cat(steps)), "triton backend: prefill and decode differ"
     torch.testing.assert_close(full, ref, atol=1e-5, rtol=0)

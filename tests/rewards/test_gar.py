@@ -180,3 +180,30 @@ def test_engine_judge_adapter():
     assert [r.score for r in res] == [0.0, 0.0, 0.0] and engine.max_new_tokens == 64
     with pytest.raises(TypeError, match="generate_text"):
         EngineJudge(object())
+
+
+def test_end_to_end_with_a_tiny_model_as_judge():
+    """A real (random) tiny rlplat model refereeing: every contest is judged, verdicts it cannot be parsed
+    into count as ties, and the scores of a group still sum to zero (each contest adds +x to one side and −x
+    to the other)."""
+    runner = RewardRunner(
+        {
+            "terms": [
+                {
+                    "name": "gar",
+                    "timeout_s": 300,
+                    "args": {
+                        "judge": {"backend": "native", "preset": "tiny", "seed": 1, "max_new_tokens": 6}
+                    },
+                }
+            ]
+        }
+    )
+    samples = [Sample(prompt="2+2=", response=r, metadata={"group_id": 0}) for r in ("4", "5", "22")]
+    out = runner.score(samples)
+    assert not any(o.errors for o in out), [o.errors for o in out]
+    results = [o.components["gar"] for o in out]
+    assert all(-1.0 <= r.score <= 1.0 for r in results)
+    assert abs(sum(r.score for r in results)) < 1e-9
+    # 3 responses: each takes part in 2 * (3 - 1) = 4 judged contests
+    assert all(r.info["contests"] == 4 for r in results), [r.info for r in results]

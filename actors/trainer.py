@@ -1,0 +1,89 @@
+"""Trainer worker: one Ray actor per data-parallel rank, wrapping ``rlplat.train.Trainer``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class TrainerWorker:
+    """Owns the policy's trainable copy: RL steps, the warm start, weight export, checkpoints."""
+
+    def __init__(self, config: dict[str, Any], num_threads: int = 1):
+        import kernels
+        from rlplat.config import ExperimentConfig
+        from rlplat.engine.policy import build_policy
+        from rlplat.train.trainer import Trainer
+
+        torch.set_num_threads(max(1, num_threads))
+        cfg = ExperimentConfig.model_validate(config)
+        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
+        # build_policy is what the rollout workers call too: same seed, same weights, same precision.
+        self.trainer = Trainer(build_policy(cfg.model), cfg.algo, cfg.trainer)
+
+    def train_step(self, batch) -> dict[str, float]:
+        return self.trainer.train_step(batch)
+
+    def sft_step(
+        self, input_ids_BT: torch.Tensor, response_mask_BT: torch.Tensor, lr: float | None = None
+    ) -> dict[str, float]:
+        """Supervised step through the RL loss: advantages of 1 with π_old = π make the clipped surrogate's
+        gradient exactly the negative log-likelihood gradient of the response tokens (token-mean)."""
+        from rlplat.train.batch import TrainBatch
+
+        probe = TrainBatch(
+            input_ids_BT,
+            response_mask_BT,
+            torch.zeros(response_mask_BT.shape),
+            group_size=1,
+            advantages_BT=response_mask_BT.float(),
+        )
+        logp, _ = self.trainer.compute_logprobs(probe)
+        batch = TrainBatch(
+            input_ids_BT,
+            response_mask_BT,
+            logp,
+            group_size=1,
+            advantages_BT=response_mask_BT.float(),
+            old_logp_BT=logp,
+        )
+        algo, config = self.trainer.algo, self.trainer.config
+        if lr is not None:
+            self.trainer.config = config.model_copy(update={"lr": lr, "lr_warmup_steps": 0})
+        # no rewards to filter on, and no KL pull towards the initial weights during the warm start
+        self.trainer.algo = algo.model_copy(
+            update={
+                "dynamic_sampling": False,
+                "entropy_coef": 0.0,
+                "kl": algo.kl.model_copy(update={"mode": "none"}),
+            }
+        )
+        try:
+            metrics = self.trainer.train_step(batch)
+        finally:
+            self.trainer.algo, self.trainer.config = algo, config
+        metrics["nll"] = float(
+            -(logp * response_mask_BT).sum() / response_mask_BT.sum()
+        )  # before this update
+        return metrics
+
+    def finish_warm_start(self) -> None:
+        """The KL reference of RL is the warm-started policy, not the random initialisation."""
+        if self.trainer.reference is not None:
+            self.trainer.reference.load_state_dict(self.trainer.model.state_dict())
+
+    def compute_logprobs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.trainer.compute_logprobs(batch)
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        return self.trainer.export_weights()
+
+    def save_checkpoint(self, directory: str, data_position: Any) -> str:
+        return str(self.trainer.save_checkpoint(directory, data_position))
+
+    def load_checkpoint(self, path: str) -> Any:
+        return self.trainer.load_checkpoint(path)
+
+    def version(self) -> int:
+        return self.trainer.version

@@ -1,0 +1,329 @@
+"""The RL loop: prompts → rollouts → rewards → advantages → train → weight push → metrics → checkpoint.
+
+Synchronous on-policy loop. Every step samples with the weights of the previous optimizer step (policy
+version = step), so with the native engine in batch-invariant mode the rollout log-probs ARE the trainer's
+π_old, bitwise; `mismatch/*` metrics show it (max |Δlogp| = 0).
+
+Before RL, a short supervised warm start (``run.warm_start_steps``) teaches the format of the answers on the
+training prompts' reference answers. It goes through the trainer's own RL step with advantages of 1 and
+π_old = π, whose gradient is the NLL gradient, so there is one optimizer and one code path. The KL reference
+(when on) is then reset to the warm-started policy.
+
+Faults: a rollout or reward worker that dies is replaced (``workers.max_restarts``); the replacement gets
+the current weights and the same prompts again, so each step's prompts are scored exactly once
+(`prompts/scored` in metrics.jsonl counts them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.reward import RewardWorker
+from actors.rollout import RolloutWorker
+from actors.trainer import TrainerWorker
+from rewards.api import Sample as RewardSample
+from rlplat.config import ExperimentConfig
+from rlplat.data.prompts import PromptItem, load_prompts, step_prompts
+from rlplat.data.tokenizers import TextTokenizer
+from rlplat.runlog import RunLog, mismatch_summary
+from rlplat.train.batch import TrainBatch
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class Pool:
+    """The actors of one role; a dead actor is replaced and its shard of work issued again."""
+
+    name: str
+    make: Callable[[], Any]
+    size: int
+    max_restarts: int
+    on_restart: Callable[[Any], None] = lambda actor: None
+    actors: list = field(default_factory=list)
+    restarts: int = 0
+
+    def __post_init__(self) -> None:
+        self.actors = [self.make() for _ in range(self.size)]
+
+    def map(self, method: str, shards: list[tuple]) -> list[Any]:
+        """Call ``method(*shard)`` on actor i for shard i (i < size); results in shard order."""
+        results: list[Any] = [None] * len(shards)
+        pending = dict(enumerate(shards))
+        while pending:
+            refs = {
+                i: getattr(self.actors[i % self.size], method).remote(*args) for i, args in pending.items()
+            }
+            for i, ref in refs.items():
+                try:
+                    results[i] = ray.get(ref)
+                    del pending[i]
+                except ray.exceptions.RayActorError:
+                    self._replace(i % self.size)
+        return results
+
+    def _replace(self, index: int) -> None:
+        if self.restarts >= self.max_restarts:
+            raise RuntimeError(
+                f"{self.name} worker {index} died and workers.max_restarts={self.max_restarts} is used up"
+            )
+        self.restarts += 1
+        self.actors[index] = self.make()
+        self.on_restart(self.actors[index])
+
+
+def shard(items: list, n: int) -> list[list[int]]:
+    """Indices of ``items`` split into ≤ n contiguous, non-empty shards."""
+    size = -(-len(items) // n)
+    return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
+
+
+class Controller:
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, tokenizer_dir: str | None):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.tokenizer = TextTokenizer.from_dir(tokenizer_dir or cfg.model.path)
+        self.train_items, self.eval_items = load_prompts(cfg.data, cfg.run.seed)
+        w, as_dict = cfg.workers, cfg.model_dump(mode="json")
+        opts = lambda r: {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+        threads = lambda r: max(1, int(r.num_cpus))
+        self.trainer = (
+            ray.remote(TrainerWorker).options(**opts(w.trainer)).remote(as_dict, threads(w.trainer))
+        )
+        self.weights_ref, self.version = None, 0
+        self.rollout = Pool(
+            "rollout",
+            lambda: (
+                ray.remote(RolloutWorker)
+                .options(**opts(w.rollout))
+                .remote(as_dict, tokenizer_dir, threads(w.rollout))
+            ),
+            w.rollout.num,
+            w.max_restarts,
+            self._send_weights,
+        )
+        self.rewards = Pool(
+            "reward",
+            lambda: ray.remote(RewardWorker).options(**opts(w.reward)).remote(cfg.rewards.model_dump()),
+            w.reward.num,
+            w.max_restarts,
+        )
+        self.log = RunLog(run_dir, wandb=cfg.wandb, config=as_dict)
+
+    # -- the loop: one screen -------------------------------------------------------------------------------
+    def run(
+        self, start_step: int, should_stop: Callable[[], bool], on_step: Callable[[int, dict], None]
+    ) -> int:
+        cfg = self.cfg
+        for step in range(start_step, cfg.run.steps):
+            t0 = time.perf_counter()
+            prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
+            groups = self.generate(prompts, step, cfg.rollout.sampling.model_dump())  # rollout workers
+            t1 = time.perf_counter()
+            scored = self.score(prompts, groups)  # reward workers
+            t2 = time.perf_counter()
+            batch, info = self.build_batch(prompts, groups, scored)  # advantages: trainer
+            logged = self.trainer_logprobs(batch, cfg.run.rollouts_logged)  # π_old of logged rows
+            train = ray.get(self.trainer.train_step.remote(batch))  # trainer worker
+            t3 = time.perf_counter()
+            self.push_weights()  # new policy version
+            t4 = time.perf_counter()
+            metrics = {**info, **{f"train/{k}": v for k, v in train.items()}, **self.key_metrics(train, info)}
+            if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                metrics.update(self.evaluate())
+            if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
+                self.checkpoint(step)
+            metrics.update(
+                {
+                    "time/rollout_s": t1 - t0,
+                    "time/reward_s": t2 - t1,
+                    "time/train_s": t3 - t2,
+                    "time/weight_sync_s": t4 - t3,
+                    "time/checkpoint_s": time.perf_counter() - t4,
+                    "throughput/rollout_tokens_per_s": info["response/tokens"] / max(t1 - t0, 1e-9),
+                    "faults/rollout_restarts": self.rollout.restarts,
+                    "faults/reward_restarts": self.rewards.restarts,
+                }
+            )
+            # metrics.jsonl counts optimizer updates: line k is the state after k RL steps (0: warm start)
+            self.log.log_metrics(step + 1, metrics)
+            self.log.log_rollouts(step + 1, self.rollout_records(prompts, groups, scored, batch, logged))
+            self.log.write_dashboard()
+            on_step(step, metrics)
+            if should_stop():
+                self.checkpoint(step)
+                return step + 1
+        return cfg.run.steps
+
+    # -- the pieces -------------------------------------------------------------------------------------------
+    def encode(self, prompts: list[PromptItem]) -> list[list[int]]:
+        texts = [self.cfg.data.prompt_template.format(question=p.question) for p in prompts]
+        if self.cfg.data.use_chat_template:
+            return [self.tokenizer.encode_prompt([{"role": "user", "content": t}]) for t in texts]
+        return [self.tokenizer.encode_prompt(t) for t in texts]
+
+    def generate(self, prompts: list[PromptItem], step: int, sampling: dict) -> list[list[dict]]:
+        ids = self.encode(prompts)
+        indices = [step * len(prompts) + i for i in range(len(prompts))]  # seeds: same prompt, same samples
+        shards = shard(prompts, self.rollout.size)
+        out = self.rollout.map(
+            "generate", [([ids[i] for i in s], [indices[i] for i in s], sampling) for s in shards]
+        )
+        return [group for part in out for group in part]
+
+    def score(self, prompts: list[PromptItem], groups: list[list[dict]]) -> list[list[Any]]:
+        samples = [
+            [
+                RewardSample(
+                    prompt=p.question,
+                    response=s["text"],
+                    response_tokens=s["tokens"].tolist(),
+                    label=p.answer,
+                    metadata={"group_id": p.id},
+                )
+                for s in g
+            ]
+            for p, g in zip(prompts, groups)
+        ]
+        shards = shard(samples, self.rewards.size)
+        out = self.rewards.map("score", [([x for i in s for x in samples[i]],) for s in shards])
+        flat = [r for part in out for r in part]
+        n = [len(g) for g in groups]
+        return [flat[sum(n[:i]) : sum(n[: i + 1])] for i in range(len(groups))]
+
+    def build_batch(self, prompts, groups, scored) -> tuple[TrainBatch, dict[str, float]]:
+        ids = self.encode(prompts)
+        rows = [(ids[i], s) for i, g in enumerate(groups) for s in g]
+        T = max(len(p) + len(s["tokens"]) for p, s in rows)
+        B = len(rows)
+        input_ids = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, T, dtype=torch.bool)
+        rollout_logp = torch.zeros(B, T)
+        for b, (p, s) in enumerate(rows):
+            r = torch.tensor(s["tokens"])
+            input_ids[b, : len(p)], input_ids[b, len(p) : len(p) + len(r)] = torch.tensor(p), r
+            mask[b, len(p) - 1 : len(p) - 1 + len(r)] = True  # position t predicts token t + 1
+            rollout_logp[b, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(s["logprobs"])
+        rewards = torch.tensor([x.score for g in scored for x in g], dtype=torch.float32)
+        correct = torch.tensor([float(self.is_correct(x)) for g in scored for x in g])
+        batch = TrainBatch(
+            input_ids,
+            mask,
+            rollout_logp,
+            group_size=len(groups[0]),
+            rewards_B=rewards,
+            correctness_B=correct,
+            policy_version=self.version,
+        )
+        info = {
+            "prompts/issued": len(prompts),
+            "prompts/scored": len(scored),
+            "samples/scored": B,
+            "reward/mean": rewards.mean().item(),
+            "accuracy/train": correct.mean().item(),
+            "response/length_mean": mask.sum(1).float().mean().item(),
+            "response/tokens": mask.sum().item(),
+            "reward/errors": sum(len(x.errors) > 0 for g in scored for x in g),
+        }
+        return batch, info
+
+    @staticmethod
+    def is_correct(scored) -> bool:
+        verdicts = [r.verdict for r in scored.components.values() if r.verdict is not None]
+        return bool(verdicts) and all(v == "correct" for v in verdicts)
+
+    def key_metrics(self, train: dict, info: dict) -> dict[str, float]:
+        """The dashboard's canonical names for what the trainer reports."""
+        names = {
+            "mismatch/max_abs_dlogp": "max_abs_dlogp",
+            "mismatch/kl": "mismatch_kl",
+            "kl/ref": "kl_to_ref",
+            "entropy/mean": "entropy",
+            "icepop/masked_fraction": "icepop_masked_fraction",
+            "throughput/train_tokens_per_s": "tokens_per_s",
+        }
+        return {k: train[v] for k, v in names.items() if v in train}
+
+    def push_weights(self) -> None:
+        weights, self.version = ray.get(self.trainer.export_weights.remote())
+        self.weights_ref = ray.put(weights)
+        ray.get([a.update_weights.remote(self.weights_ref, self.version) for a in self.rollout.actors])
+
+    def _send_weights(self, actor) -> None:
+        if self.weights_ref is not None:
+            ray.get(actor.update_weights.remote(self.weights_ref, self.version))
+
+    def evaluate(self) -> dict[str, float]:
+        items = self.eval_items[: self.cfg.data.eval_prompts]
+        greedy = {**self.cfg.rollout.sampling.model_dump(), "n": 1, "greedy": True, "temperature": 0.0}
+        groups = self.generate(items, 0, greedy)
+        scored = self.score(items, groups)
+        flat = [x for g in scored for x in g]
+        return {
+            "accuracy/eval": sum(map(self.is_correct, flat)) / len(flat),
+            "reward/eval_mean": sum(x.score for x in flat) / len(flat),
+        }
+
+    def warm_start(self, steps: int, batch_size: int, on_step: Callable[[int, dict], None]) -> None:
+        eos = self.tokenizer.special_tokens.get("eos_token")
+        eos_id = self.tokenizer.token_to_id(eos) if eos else None
+        for k in range(steps):
+            items = step_prompts(self.train_items, k, batch_size, self.cfg.run.seed + 1)
+            prompts = self.encode(items)
+            answers = [
+                self.tokenizer.encode(p.answer) + ([eos_id] if eos_id is not None else []) for p in items
+            ]
+            T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+            ids = torch.zeros(len(items), T, dtype=torch.long)
+            mask = torch.zeros(len(items), T, dtype=torch.bool)
+            for b, (p, a) in enumerate(zip(prompts, answers)):
+                ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+                mask[b, len(p) - 1 : len(p) - 1 + len(a)] = True
+            on_step(k, ray.get(self.trainer.sft_step.remote(ids, mask, self.cfg.run.warm_start_lr)))
+        ray.get(self.trainer.finish_warm_start.remote())
+
+    def checkpoint(self, step: int) -> str:
+        return ray.get(
+            self.trainer.save_checkpoint.remote(str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
+        )
+
+    def restore(self, path: str) -> int:
+        position = ray.get(self.trainer.load_checkpoint.remote(path))
+        return int(position["next_step"])
+
+    def trainer_logprobs(self, batch: TrainBatch, groups: int) -> torch.Tensor:
+        """The trainer's log-probs (before its update) of the first sample of the first ``groups`` groups."""
+        rows = torch.arange(min(groups, batch.batch_size // batch.group_size)) * batch.group_size
+        probe = TrainBatch(
+            batch.input_ids_BT[rows],
+            batch.response_mask_BT[rows],
+            batch.rollout_logp_BT[rows],
+            group_size=1,
+            advantages_BT=torch.zeros(len(rows), batch.input_ids_BT.shape[1]),
+        )
+        return ray.get(self.trainer.compute_logprobs.remote(probe))[0]
+
+    def rollout_records(
+        self, prompts, groups, scored, batch: TrainBatch, train_logp: torch.Tensor
+    ) -> list[dict]:
+        records = []
+        for i, row in enumerate(train_logp):
+            b = i * batch.group_size
+            mask = batch.response_mask_BT[b]
+            s, x = groups[i][0], scored[i][0]
+            records.append(
+                {
+                    "prompt": prompts[i].question,
+                    "response": s["text"],
+                    "reward": x.score,
+                    "label": prompts[i].answer,
+                    "mismatch": mismatch_summary(row[mask].tolist(), batch.rollout_logp_BT[b][mask].tolist()),
+                }
+            )
+        return records

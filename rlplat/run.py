@@ -1,0 +1,198 @@
+"""``rlplat run CONFIG [key=value ...]`` and ``rlplat run --resume RUN_DIR``.
+
+Everything that can be checked without workers is checked first (config, data, reward names, tokenizer, the Ray
+address), and the run directory is created only afterwards, so bad input leaves nothing behind. A run
+directory holds ``config.yaml``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``, ``checkpoints/``,
+``tokenizer/`` (for presets) and ``wandb/``. Ctrl-C finishes the current step, checkpoints and exits; a
+second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import shutil
+import signal
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from rlplat.config import ExperimentConfig, load_config, to_yaml
+
+console = Console(stderr=True)
+
+
+def preflight(cfg: ExperimentConfig) -> None:
+    """Fail fast, before any worker or directory exists."""
+    from rewards.registry import resolve
+    from rlplat.data.prompts import load_prompts
+
+    train, held_out = load_prompts(cfg.data, cfg.run.seed)
+    if cfg.run.warm_start_steps and not all(isinstance(p.answer, str) for p in train):
+        raise ValueError(
+            "run.warm_start_steps needs text answers to imitate; this dataset's labels are not text"
+        )
+    if cfg.run.eval_every and not held_out:
+        raise ValueError("data has no held-out prompts to evaluate on; give data.eval_path or set run.eval_every=0")
+    if len(train) < cfg.data.prompts_per_step:
+        raise ValueError(
+            f"data has {len(train)} training prompts, fewer than data.prompts_per_step={cfg.data.prompts_per_step}"
+        )
+    for spec in cfg.rewards.terms:
+        try:
+            resolve(spec.name)
+        except (KeyError, LookupError, ImportError) as err:
+            raise ValueError(f"rewards: cannot find reward {spec.name!r}: {err}") from err
+    if cfg.model.path is not None and not Path(cfg.model.path, "config.json").exists():
+        raise ValueError(f"model.path {cfg.model.path} has no config.json")
+    if cfg.rollout.backend != "native":
+        raise ValueError(
+            "rlplat run supports rollout.backend=native in this build (the vLLM backend is not wired yet)"
+        )
+    if cfg.run.steps < 1:
+        raise ValueError("run.steps must be ≥ 1")
+
+
+def tokenizer_dir(cfg: ExperimentConfig, run_dir: Path) -> str | None:
+    """The tokenizer the run uses: rollout.tokenizer, else model.path's, else a character tokenizer for presets."""
+    if cfg.rollout.tokenizer:
+        return cfg.rollout.tokenizer
+    if cfg.model.path:
+        return None
+    target = run_dir / "tokenizer"
+    if not (target / "tokenizer.json").exists():
+        from rlplat.data.tokenizers import make_char_tokenizer, save_tokenizer
+        from rlplat.models import preset
+
+        tok = make_char_tokenizer()
+        vocab = preset(cfg.model.preset, **cfg.model.overrides).vocab_size
+        if tok.get_vocab_size() > vocab:
+            raise ValueError(
+                f"the character tokenizer needs {tok.get_vocab_size()} ids but the model has {vocab}"
+            )
+        save_tokenizer(tok, target)
+    return str(target)
+
+
+def check_resources(cfg: ExperimentConfig) -> None:
+    """Actors that cannot all be placed would wait forever: say so instead."""
+    import ray
+
+    w = cfg.workers
+    roles = {"rollout": w.rollout, "reward": w.reward, "trainer": w.trainer}
+    need = {
+        "CPU": sum(r.num * r.num_cpus for r in roles.values()),
+        "GPU": sum(r.num * r.num_gpus for r in roles.values()),
+    }
+    have = ray.cluster_resources()
+    for kind, amount in need.items():
+        if amount > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(
+                f"{name} {r.num}×{getattr(r, 'num_' + kind.lower() + 's')}" for name, r in roles.items()
+            )
+            raise ValueError(
+                f"the workers need {amount:g} {kind}s ({detail}) but the Ray cluster has {have.get(kind, 0):g}; "
+                f"lower workers.*.num_{kind.lower()}s or workers.*.num"
+            )
+
+
+def _new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(cfg.run.output_dir) / f"{cfg.run.name}-{stamp}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
+    from actors.cluster import init_ray
+    from rlplat.controller import CHECKPOINTS, Controller
+    from rlplat.train.checkpoint import latest_checkpoint
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        console.print("[yellow]stopping after this step (checkpoint follows); Ctrl-C again to abort[/]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        where = init_ray(num_cpus=None)
+        check_resources(cfg)
+        controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
+        start = 0
+        ckpt = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as bar:
+            if ckpt is not None:
+                start = controller.restore(str(ckpt))
+                console.print(f"resumed from {ckpt} at step {start}")
+            elif cfg.run.warm_start_steps:
+                task = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="")
+                controller.warm_start(
+                    cfg.run.warm_start_steps,
+                    cfg.run.warm_start_batch_size,
+                    lambda k, m: bar.update(task, advance=1, status=f"nll {m['nll']:.3f}"),
+                )
+                controller.log.log_metrics(0, controller.evaluate())  # step 0: the warm-started policy
+            controller.push_weights()
+            task = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, completed=start, status="")
+
+            def on_step(step: int, m: dict) -> None:
+                status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
+                if "accuracy/eval" in m:
+                    status += f" eval {m['accuracy/eval']:.2f}"
+                bar.update(task, completed=step + 1, status=status)
+
+            end = controller.run(start, lambda: stop["requested"], on_step)
+            if end >= cfg.run.steps:
+                controller.checkpoint(end - 1)
+        controller.log.close()
+        console.print(f"run directory: {run_dir}")
+        return 130 if stop["requested"] and end < cfg.run.steps else 0
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").exists():
+            raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        preflight(cfg)
+        return run(cfg, run_dir, resume=True)
+    if not args.config:
+        raise ValueError("give a config file, or --resume RUN_DIR")
+    cfg = load_config(args.config, args.overrides)
+    preflight(cfg)
+    from actors.cluster import init_ray
+
+    init_ray()  # an unreachable cluster or too few resources fail here, before the run directory exists
+    check_resources(cfg)
+    run_dir = _new_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    started = False
+    try:
+        code = run(cfg, run_dir, resume=False)
+        started = True
+        return code
+    finally:
+        if not started and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run an RL experiment (local Ray, or the cluster of RAY_ADDRESS)")
+    p.add_argument("config", nargs="?", help="YAML experiment file")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    p.set_defaults(func=run_from_args)

@@ -1,0 +1,35 @@
+"""The trainer: RL steps on the rollout's own model code and kernels, FP8 training, data parallelism,
+exact checkpoints and checkpoint merging (see ``trainer.py`` for the step, ``checkpoint.py`` for the files)."""
+
+from rlplat.train.batch import TrainBatch
+from rlplat.train.checkpoint import (
+    export_hf,
+    latest_checkpoint,
+    load_checkpoint,
+    merge_checkpoints,
+    merge_coefficients,
+    save_checkpoint,
+)
+from rlplat.train.config import CheckpointConfig, TrainerConfig
+from rlplat.train.dist import DataParallel, init_data_parallel
+from rlplat.train.experts import ExpertLoadCounter, expert_bias_update
+from rlplat.train.trainer import NonFiniteError, Trainer, TrainerBackend
+
+__all__ = [
+    "CheckpointConfig",
+    "DataParallel",
+    "ExpertLoadCounter",
+    "NonFiniteError",
+    "TrainBatch",
+    "Trainer",
+    "TrainerBackend",
+    "TrainerConfig",
+    "expert_bias_update",
+    "export_hf",
+    "init_data_parallel",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "merge_checkpoints",
+    "merge_coefficients",
+    "save_checkpoint",
+]

@@ -1,0 +1,553 @@
+"""The trainer: one optimizer step per ``TrainBatch``, with the same model code and kernels as the rollout.
+
+Legend: B sequences, T positions, N micro-batches. One ``train_step`` (every rank of a data-parallel group
+runs it on the same global batch):
+
+    rows  = drop bad samples (config) and zero-variance groups (algo.dynamic_sampling)
+    adv   = advantages on the global batch (or the batch's own), KL folded into rewards if algo.kl.mode=reward
+    local = this rank's slice of rows
+    old   = rollout log-probs (algo.correction.use_rollout_logp_as_old) | batch.old_logp | recomputed
+    mask  = response mask ∧ IcePop / sequence-rejection keep masks (old vs rollout log-probs)
+    norm  = all_reduce_sum(global_normalizer(micro-batch masks))
+    for each micro-batch: loss = aggregate(policy loss · TIS weight + β·KL + entropy term) / norm; backward
+    all_reduce_sum(grads); refuse the step on a non-finite loss or gradient; clip; AdamW; expert-bias update
+
+Deviations and choices, on purpose:
+- Corrections (TIS, IcePop, MIS) compare pi_old with pi_rollout, both known before the first micro-batch, so
+  the loss mask and therefore the global normaliser are exact. With ``use_rollout_logp_as_old`` they are
+  identities, as they should be for an exact backend.
+- bf16 and FP8 train with fp32 master weights: AdamW and gradient accumulation run in fp32, and the bf16
+  model weights (what the rollout gets from ``export_weights``) are the master weights rounded once per step.
+- The kernel mode defaults to the process-wide one, batch-invariant in RL, so ``compute_logprobs`` and the
+  training forward give the rollout's log-probs bitwise. Its linear attention is a token-by-token recurrence:
+  exact but slow for long sequences (autograd keeps every step). ``trainer.batch_invariant: false`` trains
+  with the chunked kernels, faster, at the price of a small train–inference mismatch (use a correction).
+- A NaN/inf loss or gradient raises ``NonFiniteError`` before anything is updated: weights, optimizer state,
+  expert biases, step and version stay those of the last good step.
+- One optimizer step per batch; PPO epochs or mini-batches are the caller's loop (pass ``old_logp_BT``
+  from ``compute_logprobs`` so later mini-batches keep the same pi_old).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+import kernels
+from rlplat.algos import advantages as adv_fns
+from rlplat.algos import corrections, kl, metrics
+from rlplat.algos.aggregation import aggregate_loss, global_normalizer
+from rlplat.algos.config import AlgoConfig
+from rlplat.algos.filtering import dynamic_sampling_mask
+from rlplat.algos.losses import gspo_loss, lpo_loss, ppo_clip_loss
+from rlplat.algos.validation import masked_values
+from rlplat.models import RingLinearForCausalLM, precision_of, to_precision
+from rlplat.train.batch import TrainBatch
+from rlplat.train.config import TrainerConfig
+from rlplat.train.dist import DataParallel
+from rlplat.train.experts import ExpertLoadCounter
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or the gradient of a step was NaN/inf; nothing was updated (keep the last good checkpoint)."""
+
+
+@runtime_checkable
+class TrainerBackend(Protocol):
+    """What the trainer actor and the controller call. The torch ``Trainer`` implements it; a Megatron-core
+    backend (tensor/expert/pipeline parallel, issue 7) must too, exporting full tensors under HF names."""
+
+    @property
+    def version(self) -> int: ...
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
+
+    def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
+
+    def save_checkpoint(self, directory: str, data_position: Any = None) -> Any: ...
+
+    def load_checkpoint(self, path: str) -> Any: ...
+
+
+_MICRO_SUMS = (
+    "loss",
+    "n_forward_tokens",
+    "n_loss_tokens",
+    "n_response_tokens",
+    "clip_frac_low",
+    "clip_frac_high",
+    "clip_frac_dual",
+    "clip_frac",
+    "approx_kl",
+    "resp:entropy",
+    "resp:mismatch_kl",
+)
+
+
+class _Sums:
+    """Token-weighted metric sums, reduced over micro-batches and ranks in one all-reduce."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.maxes: dict[str, float] = {}
+
+    def add(self, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
+
+    def max(self, name: str, value: torch.Tensor | float) -> None:
+        self.maxes[name] = max(self.maxes.get(name, float("-inf")), float(value))
+
+    def reduce(self, dp: DataParallel, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+        names, max_names = sorted(self.sums), sorted(self.maxes)
+        s = torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device)
+        m = torch.tensor([self.maxes[n] for n in max_names], dtype=torch.float64, device=device)
+        if names:
+            dp.all_reduce(s, "sum")
+        if max_names:
+            dp.all_reduce(m, "max")
+        return dict(zip(names, s.tolist(), strict=True)), dict(zip(max_names, m.tolist(), strict=True))
+
+
+class Trainer:
+    """Plain-PyTorch trainer of a ``RingLinearForCausalLM`` (the trainer actor wraps one per rank)."""
+
+    def __init__(
+        self,
+        model: RingLinearForCausalLM,
+        algo: AlgoConfig | None = None,
+        config: TrainerConfig | None = None,
+        *,
+        precision: str | None = None,
+        dp: DataParallel | None = None,
+    ):
+        self.algo = algo or AlgoConfig()
+        self.config = config or TrainerConfig()
+        self.dp = dp or DataParallel()
+        if self.config.dp_world_size != self.dp.world_size:
+            raise ValueError(
+                f"trainer.dp_world_size is {self.config.dp_world_size} but this process group has "
+                f"{self.dp.world_size} rank(s); start one trainer per rank"
+            )
+        if precision is not None:
+            model = to_precision(model, precision)
+        self.precision = precision_of(model)
+        self.model = model.train()
+        self.device = model.lm_head.weight.device
+        self.step = 0
+        self._version = 0
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+        # fp32 master weights for bf16/FP8 (see module docstring); fp32 trains the parameters themselves.
+        self.separate_master = any(p.dtype != torch.float32 for p in self.params)
+        self.master = (
+            [p.detach().float().clone() for p in self.params] if self.separate_master else self.params
+        )
+        cfg = self.config
+        decay = [m for m in self.master if m.dim() >= 2]
+        no_decay = [m for m in self.master if m.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
+        self.reference = None
+        if self.algo.kl.mode != "none":
+            self.reference = copy.deepcopy(model).eval()
+            self.reference.requires_grad_(False)
+        self.expert_load = ExpertLoadCounter(model)
+
+    # -- public API ---------------------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        """Weight version: the number of optimizer steps taken (0 = the initial weights)."""
+        return self._version
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on ``batch`` (the global batch; each rank trains on its slice). Returns metrics."""
+        started = time.perf_counter()
+        with self._kernel_mode():
+            out = self._train_step(batch.to(self.device))
+        out["time_s"] = time.perf_counter() - started
+        out["tokens_per_s"] = out["tokens"] / out["time_s"] if out["time_s"] > 0 else 0.0
+        return out
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current-policy (log-prob, entropy) of every target, fp32 [B, T] (0 at unscored positions)."""
+        with self._kernel_mode():
+            rows = torch.arange(batch.batch_size)
+            return self._logprobs(self.model, batch.to(self.device), rows)
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Named tensors for rollout workers (HF names, the model's dtypes, CPU copies) and their version."""
+        tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return tensors, self._version
+
+    def save_checkpoint(self, directory: str, data_position: Any = None):
+        from rlplat.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, data_position=data_position)
+
+    def load_checkpoint(self, path: str):
+        from rlplat.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(self, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "master": [m.detach().clone() for m in self.master] if self.separate_master else None,
+            "optimizer": self.optimizer.state_dict(),
+            "reference": self.reference.state_dict() if self.reference is not None else None,
+            "step": self.step,
+            "version": self._version,
+            "precision": self.precision,
+            "param_names": self.names,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["precision"] != self.precision:
+            raise ValueError(
+                f"checkpoint was trained in {state['precision']}, this trainer runs {self.precision}; "
+                "set model.precision to match"
+            )
+        if state["param_names"] != self.names:
+            raise ValueError("checkpoint parameters do not match this model (different preset or config?)")
+        if (state["reference"] is None) != (self.reference is None):
+            raise ValueError("checkpoint and trainer disagree on whether KL to a reference model is on")
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            if self.separate_master:
+                for m, saved in zip(self.master, state["master"], strict=True):
+                    m.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+        self.step, self._version = int(state["step"]), int(state["version"])
+
+    # -- the step -----------------------------------------------------------------------------------------
+
+    def _kernel_mode(self):
+        if self.config.batch_invariant is None:
+            return contextlib.nullcontext()
+        return kernels.kernel_mode(batch_invariant=self.config.batch_invariant)
+
+    def _train_step(self, batch: TrainBatch) -> dict[str, float]:
+        algo, sums = self.algo, _Sums()
+        info: dict[str, float] = {
+            "policy_version": float(batch.policy_version),
+            "staleness": float(self._version - batch.policy_version),
+            "empty_responses": float((~batch.response_mask_BT.any(dim=1)).sum()),
+        }
+        batch, kept = self._filter(batch, info)
+        if batch is None:
+            # every group was dropped: nothing to learn from, and no rank communicates (all saw the same)
+            return {**info, "skipped": 1.0, "tokens": 0.0, "lr": self._lr(), "version": float(self._version)}
+        adv_BT = self._advantages(batch, info)
+        local = self.dp.shard(batch.batch_size)
+        mask_BT = batch.response_mask_BT[local]
+        rollout_BT = batch.rollout_logp_BT[local].float()
+        old_BT = self._old_logp(batch, local)
+        loss_mask_BT, weights_BT = self._corrections(old_BT, rollout_BT, mask_BT, sums)
+        ref_BT = None
+        if algo.kl.mode == "loss":
+            ref_BT, _ = self._logprobs(self.reference, batch, local, grad=False)
+        micro = self._micro_batches(batch, local)
+        normalizer = global_normalizer(
+            [loss_mask_BT[rows] for rows in micro] or [loss_mask_BT[:0]],
+            algo.loss_agg_mode,
+            max_len=algo.loss_agg_max_len,
+        ).to(self.device)
+        self.dp.all_reduce(normalizer, "sum")
+
+        self.expert_load.reset()
+        for name in _MICRO_SUMS:  # every rank reduces the same names, even one without rows
+            sums.add(name, 0.0)
+        sums.max("max_abs_dlogp", 0.0)
+        bad_loss = torch.zeros((), device=self.device)
+        for rows in micro:
+            loss = self._micro_step(
+                batch, local[rows], adv_BT, old_BT[rows], rollout_BT[rows], loss_mask_BT[rows],
+                mask_BT[rows], None if weights_BT is None else weights_BT[rows],
+                None if ref_BT is None else ref_BT[rows], normalizer, sums,
+            )  # fmt: skip
+            if loss is None:
+                bad_loss.fill_(1.0)
+        self.dp.all_reduce(bad_loss, "max")
+        if bad_loss.item() > 0:
+            self._discard_grads()
+            raise NonFiniteError(
+                f"step {self.step}: the loss is NaN/inf on some micro-batch; the step was refused and weights, "
+                "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
+            )
+        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master]
+        self.dp.all_reduce_tensors(grads)
+        grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        if not torch.isfinite(grad_norm):
+            self._discard_grads()
+            raise NonFiniteError(
+                f"step {self.step}: the gradient norm is {grad_norm.item()}; the step was refused and weights, "
+                "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
+            )
+        for m, g in zip(self.master, grads, strict=True):
+            m.grad = g
+        if self.config.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.master, self.config.grad_clip, grad_norm)
+        lr = self._lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.separate_master:
+            with torch.no_grad():
+                for p, m in zip(self.params, self.master, strict=True):
+                    p.copy_(m)
+        counts = list(self.expert_load.counts.values())
+        self.dp.all_reduce_tensors(counts)
+        if self.config.expert_bias_update_rate > 0:
+            self.expert_load.apply_update(self.config.expert_bias_update_rate)
+        self.step += 1
+        self._version += 1
+
+        total, maxes = sums.reduce(self.dp, self.device)
+        out = {**info, "skipped": 0.0, "kept_samples": float(kept), "lr": lr, "version": float(self._version)}
+        out["grad_norm"] = grad_norm.item()
+        out["loss"] = total.pop("loss", 0.0)
+        n_loss, n_resp = total.pop("n_loss_tokens", 0.0), total.pop("n_response_tokens", 0.0)
+        out["tokens"] = total.pop("n_forward_tokens", 0.0)
+        out["loss_tokens"], out["response_tokens"] = n_loss, n_resp
+        for name, value in total.items():
+            denom = n_resp if name.startswith("resp:") else n_loss
+            out[name.removeprefix("resp:")] = value / denom if denom > 0 else 0.0
+        out.update(maxes)
+        out["expert_load_imbalance"] = self.expert_load.imbalance()
+        return out
+
+    def _filter(self, batch: TrainBatch, info: dict[str, float]) -> tuple[TrainBatch | None, int]:
+        n = batch.group_size
+        keep_B = torch.ones(batch.batch_size, dtype=torch.bool)
+        bad_B = batch.bad_rows().cpu()
+        if bad_B.any():
+            rows = bad_B.nonzero()[:, 0].tolist()
+            if self.config.bad_samples == "error":
+                raise ValueError(
+                    f"TrainBatch rows {rows[:20]} hold NaN/inf rewards, advantages or log-probs at response "
+                    "tokens; repair or drop them, or set trainer.bad_samples: skip to drop their groups"
+                )
+            keep_B &= ~bad_B.view(-1, n).any(dim=1).repeat_interleave(n)
+        info["bad_samples_dropped"] = float((~keep_B).sum())
+        if self.algo.dynamic_sampling:
+            correctness = batch.correctness_B if batch.correctness_B is not None else batch.rewards_B
+            if correctness is None:
+                raise ValueError(
+                    "algo.dynamic_sampling needs TrainBatch.correctness_B (or rewards_B) to find "
+                    "zero-variance groups"
+                )
+            c = torch.where(keep_B, correctness.detach().cpu().float(), 0.0)
+            varied = dynamic_sampling_mask(c, n)
+            info["dynamic_sampling_dropped"] = float((keep_B & ~varied).sum())
+            keep_B &= varied
+        if keep_B.all():
+            return batch, batch.batch_size
+        rows = keep_B.nonzero()[:, 0]
+        if len(rows) == 0 or not batch.response_mask_BT[rows.to(batch.response_mask_BT.device)].any():
+            return None, 0
+        return batch.select(rows), len(rows)
+
+    def _advantages(self, batch: TrainBatch, info: dict[str, float]) -> torch.Tensor:
+        algo, mask_BT = self.algo, batch.response_mask_BT
+        if batch.advantages_BT is not None:
+            return masked_values("advantages_BT", batch.advantages_BT.float(), mask_BT)
+        rewards_B = batch.rewards_B.float()
+        kl_BT = None
+        if algo.kl.mode == "reward":
+            ref_BT, _ = self._logprobs(self.reference, batch, torch.arange(batch.batch_size), grad=False)
+            cur_BT, _ = self._logprobs(self.model, batch, torch.arange(batch.batch_size), grad=False)
+            kl_BT = kl.kl_estimate(cur_BT, ref_BT, mask_BT, algo.kl.estimator)
+            info["kl_in_reward"] = float(metrics.masked_mean(kl_BT, mask_BT))
+        if algo.advantage_estimator == "reinforce_pp":
+            token_rewards_BT = adv_fns.rewards_at_last_token(rewards_B, mask_BT)
+            if kl_BT is not None:
+                token_rewards_BT = kl.fold_kl_into_token_rewards(
+                    token_rewards_BT, kl_BT, mask_BT, algo.kl.coef
+                )
+            return adv_fns.reinforce_pp_advantages(token_rewards_BT, mask_BT, eps=algo.adv_eps)
+        if kl_BT is not None:
+            rewards_B = kl.fold_kl_into_sequence_rewards(rewards_B, kl_BT, mask_BT, algo.kl.coef)
+        if batch.group_size < 2:
+            raise ValueError(
+                f"{algo.advantage_estimator} advantages need group_size >= 2 responses per prompt, got "
+                f"{batch.group_size} (after dropping samples); pass advantages_BT or use reinforce_pp"
+            )
+        if algo.advantage_estimator == "grpo":
+            return adv_fns.grpo_advantages(
+                rewards_B, mask_BT, batch.group_size, eps=algo.adv_eps, norm_by_std=algo.norm_adv_by_std
+            )
+        return adv_fns.rloo_advantages(rewards_B, mask_BT, batch.group_size)
+
+    def _old_logp(self, batch: TrainBatch, local: torch.Tensor) -> torch.Tensor:
+        if self.algo.correction.use_rollout_logp_as_old:
+            return batch.rollout_logp_BT[local].float()
+        if batch.old_logp_BT is not None:
+            return batch.old_logp_BT[local].float()
+        recomputed, _ = self._logprobs(self.model, batch, local, grad=False)
+        return recomputed
+
+    def _corrections(self, old_BT, rollout_BT, mask_BT, sums: _Sums):
+        c = self.algo.correction
+        weights_BT = None
+        loss_mask_BT = mask_BT
+        n = float(mask_BT.sum())
+        if c.method == "token_tis":
+            weights_BT = corrections.token_tis_weights(old_BT, rollout_BT, mask_BT, cap=c.tis_cap)
+        elif c.method == "sequence_tis":
+            weights_BT = corrections.sequence_tis_weights(old_BT, rollout_BT, mask_BT, cap=c.tis_cap)
+        elif c.method == "icepop":
+            pop = corrections.icepop_mask(
+                old_BT, rollout_BT, mask_BT, alpha=c.icepop_alpha, beta=c.icepop_beta
+            )
+            loss_mask_BT = pop.keep_BT
+            sums.add("resp:icepop_masked_fraction", metrics.icepop_masked_fraction(pop.keep_BT, mask_BT), n)
+        elif c.method == "sequence_mis":
+            rej = corrections.sequence_rejection_mask(
+                old_BT, rollout_BT, mask_BT, low=c.mis_low, high=c.mis_high, ratio=c.mis_ratio
+            )
+            loss_mask_BT = rej.keep_BT
+            sums.add("resp:mis_rejected_token_fraction", 1.0 - float(rej.keep_BT.sum()) / max(n, 1.0), n)
+        if weights_BT is not None:
+            sums.add("resp:tis_weight_mean", metrics.masked_mean(weights_BT, mask_BT), n)
+        return loss_mask_BT, weights_BT
+
+    def _micro_batches(self, batch: TrainBatch, local: torch.Tensor) -> list[torch.Tensor]:
+        """Positions into ``local`` per micro-batch: fixed rows, or rows packed under a padded-token budget."""
+        cfg = self.config
+        if cfg.micro_batch_tokens is None:
+            return list(torch.arange(len(local)).split(cfg.micro_batch_size))
+        lengths = self._forward_lengths(batch, local).tolist()
+        out, current, longest = [], [], 0
+        for i, n in enumerate(lengths):
+            longest_if = max(longest, n)
+            if current and longest_if * (len(current) + 1) > cfg.micro_batch_tokens:
+                out.append(torch.tensor(current))
+                current, longest_if = [], n
+            current.append(i)
+            longest = longest_if
+        if current:
+            out.append(torch.tensor(current))
+        return out
+
+    @staticmethod
+    def _forward_lengths(batch: TrainBatch, rows: torch.Tensor) -> torch.Tensor:
+        """Input positions each row needs: up to its last scored target (>= 1 so a forward is well-formed)."""
+        return (batch.lengths_B[rows.to(batch.lengths_B.device)] - 1).clamp_min(1).cpu()
+
+    def _forward(self, model: nn.Module, batch: TrainBatch, rows: torch.Tensor, count: bool = False):
+        """(logp, entropy) [len(rows), T_mb] over the rows' needed prefix, and that prefix length."""
+        lengths = self._forward_lengths(batch, rows)
+        T_mb = int(lengths.max())
+        dev_rows = rows.to(batch.input_ids_BT.device)
+        ids_BT = batch.input_ids_BT[dev_rows, :T_mb].long().to(self.device)
+        tgt_BT = batch.targets_BT[dev_rows, :T_mb].to(self.device)
+        if not count:
+            logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
+            return logp_BT, ent_BT, T_mb
+        valid_BT = torch.arange(T_mb)[None, :] < lengths[:, None]
+        with self.expert_load.counting(valid_BT.to(self.device)):
+            logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
+        return logp_BT, ent_BT, T_mb
+
+    def _logprobs(self, model, batch: TrainBatch, rows: torch.Tensor, grad: bool = False):
+        """No-grad (logp, entropy) [len(rows), T] in fp32, micro-batched; 0 beyond each row's prefix."""
+        T = batch.input_ids_BT.shape[1]
+        logp = torch.zeros(len(rows), T, dtype=torch.float32, device=self.device)
+        ent = torch.zeros_like(logp)
+        with torch.set_grad_enabled(grad):
+            for part in self._micro_batches(batch, rows):
+                lp, en, T_mb = self._forward(model, batch, rows[part])
+                logp[part.to(self.device), :T_mb] = lp.float()
+                ent[part.to(self.device), :T_mb] = en.float()
+        return logp, ent
+
+    def _micro_step(
+        self, batch, rows, adv_BT, old_BT, rollout_BT, loss_mask_BT, mask_BT, weights_BT, ref_BT,
+        normalizer, sums: _Sums,
+    ) -> torch.Tensor | None:  # fmt: skip
+        algo = self.algo
+        logp_full, ent_full, T_mb = self._forward(self.model, batch, rows, count=True)
+        dev = logp_full.device
+        sl = slice(0, T_mb)
+        lm_BT, m_BT = loss_mask_BT[:, sl].to(dev), mask_BT[:, sl].to(dev)
+        old, roll = old_BT[:, sl].to(dev), rollout_BT[:, sl].to(dev)
+        adv = adv_BT[rows.to(adv_BT.device)][:, sl].to(dev)
+        if not (torch.isfinite(logp_full[m_BT]).all() and torch.isfinite(ent_full[m_BT]).all()):
+            sums.add("n_forward_tokens", float(self._forward_lengths(batch, rows).sum()))
+            return None  # the model produced NaN/inf: refuse the step (see _train_step)
+        clip = algo.clip()
+        kwargs = dict(clip_low=clip.clip_low, clip_high=clip.clip_high, dual_clip=clip.dual_clip)
+        if algo.policy_loss == "ppo":
+            out = ppo_clip_loss(logp_full, old, adv, lm_BT, **kwargs)
+        elif algo.policy_loss == "gspo":
+            out = gspo_loss(logp_full, old, adv, lm_BT, **kwargs)
+        else:
+            if batch.sentence_ids_BT is None:
+                raise ValueError(
+                    "algo.policy_loss 'lpo' needs TrainBatch.sentence_ids_BT (rlplat.algos.sentences)"
+                )
+            sent = batch.sentence_ids_BT[rows.to(batch.sentence_ids_BT.device)][:, sl].to(dev)
+            out = lpo_loss(logp_full, old, adv, lm_BT, sent, **kwargs)
+        sums.add("n_forward_tokens", float(self._forward_lengths(batch, rows).sum()))
+        n_loss, n_resp = float(lm_BT.sum()), float(m_BT.sum())
+        sums.add("n_loss_tokens", n_loss)
+        sums.add("n_response_tokens", n_resp)
+        loss_BT = out.loss_BT
+        if weights_BT is not None:
+            loss_BT = loss_BT * weights_BT[:, sl].to(dev)
+        if ref_BT is not None:
+            ref = ref_BT[:, sl].to(dev)
+            loss_BT = loss_BT + algo.kl.coef * kl.kl_estimate(logp_full, ref, lm_BT, algo.kl.estimator)
+            sums.add("kl_to_ref", metrics.kl_to_ref(logp_full, ref, lm_BT, algo.kl.estimator), n_loss)
+        if algo.entropy_coef > 0:
+            loss_BT = loss_BT + kl.entropy_bonus(ent_full, lm_BT, algo.entropy_coef)
+        loss = aggregate_loss(loss_BT, lm_BT, algo.loss_agg_mode, normalizer)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        if self.separate_master:
+            for p, m in zip(self.params, self.master, strict=True):
+                if p.grad is not None:
+                    g = p.grad.float()
+                    m.grad = g if m.grad is None else m.grad.add_(g)
+                    p.grad = None
+        sums.add("loss", loss.detach())
+        for name, value in metrics.clip_fractions(out, lm_BT).items():
+            sums.add(name, value, n_loss)
+        sums.add("approx_kl", metrics.approx_kl(logp_full.detach(), old, lm_BT), n_loss)
+        sums.add("resp:entropy", metrics.entropy_mean(ent_full.detach(), m_BT), n_resp)
+        mm = metrics.mismatch_metrics(logp_full.detach(), roll, m_BT)
+        sums.add("resp:mismatch_kl", mm["mismatch_kl"], n_resp)
+        sums.max("max_abs_dlogp", mm["max_abs_dlogp"])
+        return loss
+
+    def _discard_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+        for m in self.master:
+            m.grad = None
+
+    def _lr(self) -> float:
+        warmup = self.config.lr_warmup_steps
+        return self.config.lr * min(1.0, (self.step + 1) / warmup) if warmup > 0 else self.config.lr
