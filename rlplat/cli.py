@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # bad user input: one clear message, no traceback
         console = Console(stderr=True)
         console.print("error:", style="bold red", end=" ")
-        console.print(str(err), markup=False, highlight=False)
+        console.print(str(err), markup=False, highlight=False, soft_wrap=True)
         return 2
 
 

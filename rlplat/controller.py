@@ -171,6 +171,8 @@ class Controller:
     def generate(self, prompts: list[PromptItem], step: int, sampling: dict) -> list[list[dict]]:
         ids = self.encode(prompts)
         indices = [step * len(prompts) + i for i in range(len(prompts))]  # seeds: same prompt, same samples
+        if sampling.get("seed") is None:  # a run is reproducible from run.seed unless sampling.seed is set
+            sampling = {**sampling, "seed": self.cfg.run.seed}
         shards = shard(prompts, self.rollout.size)
         out = self.rollout.map(
             "generate", [([ids[i] for i in s], [indices[i] for i in s], sampling) for s in shards]

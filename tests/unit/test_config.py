@@ -37,8 +37,10 @@ def test_unknown_key_names_path_and_allowed(tmp_path):
 def test_bad_values_and_overrides():
     with pytest.raises(ValueError, match=r"model\.precision.*'fp32', 'bf16' or 'fp8'"):
         load_config(None, ["model.precision=fp4"])
-    with pytest.raises(ValueError, match="unknown key"):
-        load_config(None, ["trainer.lr=1"])
+    with pytest.raises(ValueError, match=r"trainer\.lrr: unknown key; did you mean 'lr'"):
+        load_config(None, ["trainer.lrr=1"])
+    with pytest.raises(ValueError, match=r"bogus: unknown key"):
+        load_config(None, ["bogus.x=1"])
     with pytest.raises(ValueError, match=r"key\.path=value"):
         load_config(None, ["model.precision"])
     with pytest.raises(ValueError, match="unknown preset"):
