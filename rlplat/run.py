@@ -34,7 +34,9 @@ def preflight(cfg: ExperimentConfig) -> None:
             "run.warm_start_steps needs text answers to imitate; this dataset's labels are not text"
         )
     if cfg.run.eval_every and not held_out:
-        raise ValueError("data has no held-out prompts to evaluate on; give data.eval_path or set run.eval_every=0")
+        raise ValueError(
+            "data has no held-out prompts to evaluate on; give data.eval_path or set run.eval_every=0"
+        )
     if len(train) < cfg.data.prompts_per_step:
         raise ValueError(
             f"data has {len(train)} training prompts, fewer than data.prompts_per_step={cfg.data.prompts_per_step}"

@@ -16,7 +16,8 @@ from rewards.math_reward import extract_answer, last_number, math_equal, math_re
 DATA = Path(__file__).resolve().parents[3] / "shared" / "testdata"
 # CI always has ../shared beside the checkout: there a missing file is a failure, not a skip.
 needs_data = pytest.mark.skipif(
-    not (DATA / "math_equivalence.jsonl").exists() and not os.environ.get("CI"), reason="shared testdata not present"
+    not (DATA / "math_equivalence.jsonl").exists() and not os.environ.get("CI"),
+    reason="shared testdata not present",
 )
 
 
