@@ -9,8 +9,6 @@ hardware and the sandbox mode.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rewards.code.sandbox import Limits, Sandbox
+from rlplat.bench.common import hardware
 
 # Ten HumanEval-size problems (stub + docstring, a ~5-15 line solution, a check() with several asserts).
 _PROBLEMS = [
@@ -112,23 +111,6 @@ _PROBLEMS = [
 ]
 
 
-def _hardware() -> dict[str, object]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
 def run_code_bench(
     n_programs: int = 300, workers: int = 4, out_dir: str = "bench_results", baseline_programs: int = 40
 ) -> dict[str, object]:
@@ -174,7 +156,7 @@ def run_code_bench(
     base_elapsed = time.perf_counter() - t1
     result: dict[str, object] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "sandbox_mode": mode,
         "workers": workers,
         "programs": n_programs,

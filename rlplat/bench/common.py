@@ -12,6 +12,13 @@ from typing import Any
 
 import torch
 
+# kernel mode of each benchmarked path: the batch-invariant one RL uses, and the plain one it is compared with
+PATHS = {"invariant": True, "plain": False}
+
+
+class CorrectnessError(RuntimeError):
+    """The benchmarked code failed its correctness check; no figure may be reported."""
+
 
 def hardware() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()

@@ -36,18 +36,13 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from rlplat.bench.common import csv_names, hardware, write_result
+from rlplat.bench.common import PATHS, CorrectnessError, csv_names, hardware, write_result
 from rlplat.models import PRESETS, LayerCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8, preset
 from rlplat.models.ring_linear import DecoderLayer, count_parameters
 
 PRECISIONS = ("fp32", "bf16", "fp8")
-PATHS = {"invariant": True, "plain": False}
 PLAIN_TOLERANCE_FP32 = 1e-3
 SEED = 0
-
-
-class CorrectnessError(RuntimeError):
-    """The benchmarked code disagrees with itself; no figure may be reported."""
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,10 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from rlplat.bench.common import hardware, write_result
+from rlplat.bench.common import CorrectnessError, hardware, write_result
 from rlplat.models import PRESETS, RingLinearForCausalLM, count_parameters, preset
 
 SEED = 0
-
-
-class CorrectnessError(RuntimeError):
-    """A backend's log-probs differ from the trainer's; no figure may be reported."""
 
 
 @dataclass(frozen=True)

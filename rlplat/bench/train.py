@@ -32,17 +32,12 @@ from rich.table import Table
 
 import kernels
 from rlplat.algos.config import AlgoConfig
-from rlplat.bench.common import csv_names, hardware, write_result
+from rlplat.bench.common import PATHS, CorrectnessError, csv_names, hardware, write_result
 from rlplat.models import PRESETS, RingLinearForCausalLM, preset
 from rlplat.train import TrainBatch, Trainer, TrainerConfig
 
 PRECISIONS = ("fp32", "bf16", "fp8")
-PATHS = {"invariant": True, "plain": False}
 SEED = 0
-
-
-class CorrectnessError(RuntimeError):
-    """The trainer disagrees with the model it trains; no figure may be reported."""
 
 
 @dataclass(frozen=True)
