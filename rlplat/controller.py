@@ -115,6 +115,7 @@ class Controller:
             w.max_restarts,
         )
         self.log = RunLog(run_dir, wandb=cfg.wandb, config=as_dict)
+        self._encoded: dict[str, list[int]] = {}
 
     # -- the loop: one screen -------------------------------------------------------------------------------
     def run(
@@ -163,10 +164,13 @@ class Controller:
 
     # -- the pieces -------------------------------------------------------------------------------------------
     def encode(self, prompts: list[PromptItem]) -> list[list[int]]:
-        texts = [self.cfg.data.prompt_template.format(question=p.question) for p in prompts]
-        if self.cfg.data.use_chat_template:
-            return [self.tokenizer.encode_prompt([{"role": "user", "content": t}]) for t in texts]
-        return [self.tokenizer.encode_prompt(t) for t in texts]
+        """Prompt token ids, memoised by prompt id: each step needs them for rollout and again for the batch."""
+        for p in prompts:
+            if p.id not in self._encoded:
+                text = self.cfg.data.prompt_template.format(question=p.question)
+                chat = [{"role": "user", "content": text}] if self.cfg.data.use_chat_template else text
+                self._encoded[p.id] = self.tokenizer.encode_prompt(chat)
+        return [self._encoded[p.id] for p in prompts]
 
     def generate(self, prompts: list[PromptItem], step: int, sampling: dict) -> list[list[dict]]:
         ids = self.encode(prompts)
