@@ -20,6 +20,10 @@ TINY = [
     "data.eval_prompts=4",
     "data.prompts_per_step=4",
     "rollout.sampling.n=4",
+    # KL to the reference and IcePop on, so their metrics must reach the dashboard's canonical keys
+    "algo.kl.mode=loss",
+    "algo.kl.coef=0.01",
+    "algo.correction.method=icepop",
 ]
 
 
@@ -46,6 +50,8 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
         assert m["prompts/scored"] == 4 and m["samples/scored"] == 16
         assert m["mismatch/max_abs_dlogp"] == 0.0  # rollout log-probs are the trainer's, bitwise
         assert "accuracy/eval" in m and "time/train_s" in m
+        assert m["kl/ref"] >= 0.0 and "entropy/mean" in m
+        assert m["icepop/masked_fraction"] == 0.0  # exact backend: IcePop masks nothing
     rollouts = lines(run_dir / "rollouts.jsonl")
     assert rollouts and all(r["mismatch"]["max_abs_dlogp"] == 0.0 for r in rollouts)
 
