@@ -45,28 +45,18 @@ def naive_logits(model, ids):
         h = rms(x, p[pre + "input_layernorm.weight"], cfg.rms_norm_eps)
         qkv = h @ p[pre + "attention.query_key_value.weight"].T
         out = torch.zeros(T, H * D, dtype=torch.float64)
+
+        def head_qk(x, head, norm, pre=pre):
+            """Head ``head`` of q or k: per-head RMSNorm (QK-norm), then partial RoPE."""
+            xh = rms(x[:, head * D : (head + 1) * D], p[pre + f"attention.{norm}.weight"], cfg.rms_norm_eps)
+            return rope(xh, cfg.rotary_dim, cfg.rope_theta)
+
         if (i + 1) % cfg.layer_group_size == 0:  # softmax GQA attention
             q, k, v = qkv.split([H * D, G * D, G * D], dim=-1)
             for head in range(H):
                 kv = head // (H // G)
-                qh = rope(
-                    rms(
-                        q[:, head * D : (head + 1) * D],
-                        p[pre + "attention.query_layernorm.weight"],
-                        cfg.rms_norm_eps,
-                    ),
-                    cfg.rotary_dim,
-                    cfg.rope_theta,
-                )
-                kh = rope(
-                    rms(
-                        k[:, kv * D : (kv + 1) * D],
-                        p[pre + "attention.key_layernorm.weight"],
-                        cfg.rms_norm_eps,
-                    ),
-                    cfg.rotary_dim,
-                    cfg.rope_theta,
-                )
+                qh = head_qk(q, head, "query_layernorm")
+                kh = head_qk(k, kv, "key_layernorm")
                 vh = v[:, kv * D : (kv + 1) * D]
                 for t in range(T):
                     s = (kh[: t + 1] @ qh[t]) / math.sqrt(D)
@@ -77,24 +67,8 @@ def naive_logits(model, ids):
             factor = 1 - i / (L - 1) + 1e-5
             for head in range(H):
                 lam = math.exp(-((2 ** (-8 / H)) ** (head + 1)) * factor)
-                qh = rope(
-                    rms(
-                        q[:, head * D : (head + 1) * D],
-                        p[pre + "attention.query_layernorm.weight"],
-                        cfg.rms_norm_eps,
-                    ),
-                    cfg.rotary_dim,
-                    cfg.rope_theta,
-                )
-                kh = rope(
-                    rms(
-                        k[:, head * D : (head + 1) * D],
-                        p[pre + "attention.key_layernorm.weight"],
-                        cfg.rms_norm_eps,
-                    ),
-                    cfg.rotary_dim,
-                    cfg.rope_theta,
-                )
+                qh = head_qk(q, head, "query_layernorm")
+                kh = head_qk(k, head, "key_layernorm")
                 vh = v[:, head * D : (head + 1) * D]
                 S = torch.zeros(D, D, dtype=torch.float64)
                 for t in range(T):
