@@ -6,6 +6,8 @@ import os
 import socket
 from urllib.parse import urlparse
 
+_connected: list[str] = []  # what init_ray connected this process to, for the progress bar's label
+
 
 def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
     """A TCP connect to host:port first: ray.init waits minutes on an address where nothing listens."""
@@ -28,7 +30,7 @@ def init_ray(num_cpus: int | None = None) -> str:
     import ray
 
     if ray.is_initialized():
-        return "existing"
+        return _connected[0] if _connected else "existing"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
     # Workers import rlplat from this checkout; the cluster path ships it with `ray job submit --working-dir .`.
@@ -37,6 +39,7 @@ def init_ray(num_cpus: int | None = None) -> str:
     try:
         if address:
             ray.init(address=address, log_to_driver=True)
+            _connected[:] = [address]
             return address
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -44,4 +47,5 @@ def init_ray(num_cpus: int | None = None) -> str:
             f"cannot connect to Ray at RAY_ADDRESS={address!r}: {err}. Start a cluster with `ray start --head` "
             "(and export RAY_AUTH_MODE=token for Ray ≥ 2.60), or unset RAY_ADDRESS for a local instance"
         ) from err
+    _connected[:] = ["local"]
     return "local"

@@ -127,7 +127,7 @@ class _EmbeddedServer:
     @classmethod
     def start(cls, data_dir: Path) -> _EmbeddedServer:
         binary = _bundled_redis_server()
-
+        data_dir = data_dir.resolve()  # redis-server chdirs to --dir: a relative --logfile would move with it
         data_dir.mkdir(parents=True, exist_ok=True)
         info_path = data_dir / "server.json"
         if info_path.exists():
@@ -310,6 +310,13 @@ class ExperienceStream:
                 raise
         return stream
 
+    @classmethod
+    def check_reachable(cls, cfg: RedisConfig) -> None:
+        """Raises ``ValueError`` (saying what to do) unless ``cfg.url`` is a usable Redis ≥ 6.2; no-op for
+        the embedded server. For a run's preflight, before any worker or directory exists."""
+        if cfg.url is not None:
+            cls._open(cfg, cfg.url).close()
+
     @staticmethod
     def _open(cfg: RedisConfig, url: str) -> redis.Redis:
         shown = _redact(url)
@@ -345,8 +352,14 @@ class ExperienceStream:
         # No socket_timeout: a blocking XREADGROUP may legitimately wait longer than any fixed limit.
         return redis.Redis.from_url(url, socket_connect_timeout=cfg.connect_timeout_s)
 
-    def publish(self, samples: list[dict[str, Any]], policy_version: int) -> list[str]:
-        """Appends one entry per sample (token ids, rollout log-probs, rewards, metadata, prompt id...)."""
+    def publish(
+        self, samples: list[dict[str, Any]], policy_version: int, mark: tuple[str, str] | None = None
+    ) -> list[str]:
+        """Appends one entry per sample (token ids, rollout log-probs, rewards, metadata, prompt id...).
+
+        With ``mark=(key, value)`` the entries and ``SET key value`` go in one MULTI/EXEC transaction: a
+        producer that records its progress there never finds half a batch, or a batch twice, after a crash.
+        """
         if not isinstance(policy_version, int) or policy_version < 0:
             raise ValueError(f"policy_version must be a non-negative int, got {policy_version!r}")
         payloads = []
@@ -359,11 +372,13 @@ class ExperienceStream:
                 raise TypeError(f"sample {i} cannot be serialised: {e}") from e
         if not payloads:
             return []
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=mark is not None)
         version = str(policy_version).encode()
         for payload in payloads:
             pipe.xadd(self.cfg.stream, {_VERSION_FIELD: version, _SAMPLE_FIELD: payload.encode()})
-        ids = [i.decode() for i in pipe.execute()]
+        if mark is not None:
+            pipe.set(mark[0], mark[1])
+        ids = [i.decode() for i in pipe.execute()[: len(payloads)]]
         self.stats.published += len(ids)
         if self.client.xlen(self.cfg.stream) > self.cfg.max_len:
             self._trim_acked()

@@ -86,6 +86,16 @@ class RunSection(Section):
         10, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C)."
     )
     rollouts_logged: int = Field(4, ge=0, description="Rollouts per step written to rollouts.jsonl.")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description=(
+            "sync: each step samples with the previous step's weights. async: rollout runs ahead of "
+            "training through the Redis experience stream (see `redis:`), by at most max_staleness versions."
+        ),
+    )
+    max_staleness: int = Field(
+        1, ge=0, description="Async mode: policy versions a sample may lag the weights it is trained on."
+    )
 
 
 class ExperimentConfig(Section):

@@ -1,8 +1,10 @@
 """The RL loop: prompts → rollouts → rewards → advantages → train → weight push → metrics → checkpoint.
 
-Synchronous on-policy loop. Every step samples with the weights of the previous optimizer step (policy
-version = step), so with the native engine in batch-invariant mode the rollout log-probs ARE the trainer's
-π_old, bitwise; `mismatch/*` metrics show it (max |Δlogp| = 0).
+Sync mode (default): every step samples with the weights of the previous optimizer step (policy version =
+step), so with the native engine in batch-invariant mode the rollout log-probs ARE the trainer's π_old,
+bitwise; `mismatch/*` metrics show it (max |Δlogp| = 0). Async mode (``run.mode: async``): a producer
+thread samples ahead, at most ``run.max_staleness`` versions, and the samples reach the loop through the
+Redis experience stream; see ``rlplat.async_rollout`` for how nothing is lost or trained twice.
 
 Before RL, a short supervised warm start (``run.warm_start_steps``) teaches the format of the answers on the
 training prompts' reference answers. It goes through the trainer's own RL step with advantages of 1 and
@@ -11,17 +13,22 @@ training prompts' reference answers. It goes through the trainer's own RL step w
 
 Faults: a rollout or reward worker that dies is replaced (``workers.max_restarts``); the replacement gets
 the current weights and the same prompts again, so each step's prompts are scored exactly once
-(`prompts/scored` in metrics.jsonl counts them).
+(`prompts/scored` in metrics.jsonl counts them). A trainer that dies is replaced from the latest
+checkpoint, and the steps after it are trained again on the same samples: regenerated in sync mode (a
+step's prompts and sampling seeds are functions of its index), read back from the stream's pending
+entries in async mode.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
@@ -29,11 +36,14 @@ from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
 from actors.trainer import TrainerWorker
 from rewards.api import Sample as RewardSample
+from rlplat.async_rollout import AsyncRollout
+from rlplat.buffer import ExperienceStream
 from rlplat.config import ExperimentConfig
 from rlplat.data.prompts import PromptItem, load_prompts, step_prompts
 from rlplat.data.tokenizers import TextTokenizer
 from rlplat.runlog import RunLog, mismatch_summary
 from rlplat.train.batch import TrainBatch
+from rlplat.train.checkpoint import latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
 
@@ -93,10 +103,13 @@ class Controller:
         w, as_dict = cfg.workers, cfg.model_dump(mode="json")
         opts = lambda r: {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
         threads = lambda r: max(1, int(r.num_cpus))
-        self.trainer = (
+        self.make_trainer = lambda: (
             ray.remote(TrainerWorker).options(**opts(w.trainer)).remote(as_dict, threads(w.trainer))
         )
+        self.trainer, self.trainer_restarts = self.make_trainer(), 0
         self.weights_ref, self.version = None, 0
+        # The rollout and reward pools are used by the loop and, in async mode, by the producer thread.
+        self.workers_lock = threading.RLock()
         self.rollout = Pool(
             "rollout",
             lambda: (
@@ -116,50 +129,50 @@ class Controller:
         )
         self.log = RunLog(run_dir, wandb=cfg.wandb, config=as_dict)
         self._encoded: dict[str, list[int]] = {}
+        self.source: AsyncRollout | None = None
 
     # -- the loop: one screen -------------------------------------------------------------------------------
     def run(
         self, start_step: int, should_stop: Callable[[], bool], on_step: Callable[[int, dict], None]
     ) -> int:
-        cfg = self.cfg
-        for step in range(start_step, cfg.run.steps):
+        cfg, step = self.cfg, start_step
+        if cfg.run.mode == "async":
+            self.source = self.start_async(start_step)
+        while step < cfg.run.steps:
             t0 = time.perf_counter()
             prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
-            groups = self.generate(prompts, step, cfg.rollout.sampling.model_dump())  # rollout workers
+            if self.source is None:  # sync: rollout and reward workers sample this step now
+                groups, entry_ids = self.sample(step)[0], []
+            else:  # async: the producer sampled it ahead, with weights ≤ max_staleness versions old
+                groups, entry_ids = self.source.take(step)
             t1 = time.perf_counter()
-            scored = self.score(prompts, groups)  # reward workers
+            batch, info = self.build_batch(prompts, groups)  # advantages: trainer
+            try:
+                logged = self.trainer_logprobs(batch, cfg.run.rollouts_logged)  # π_old of logged rows
+                train = ray.get(self.trainer.train_step.remote(batch))  # trainer worker
+            except ray.exceptions.RayActorError:
+                step = self.replace_trainer()  # from the latest checkpoint; its steps are trained again
+                continue
             t2 = time.perf_counter()
-            batch, info = self.build_batch(prompts, groups, scored)  # advantages: trainer
-            logged = self.trainer_logprobs(batch, cfg.run.rollouts_logged)  # π_old of logged rows
-            train = ray.get(self.trainer.train_step.remote(batch))  # trainer worker
-            t3 = time.perf_counter()
             self.push_weights()  # new policy version
-            t4 = time.perf_counter()
+            if self.source is not None:
+                self.source.trained(step + 1, entry_ids)
+            t3 = time.perf_counter()
             metrics = {**info, **{f"train/{k}": v for k, v in train.items()}, **self.key_metrics(train, info)}
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                 metrics.update(self.evaluate())
             if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
                 self.checkpoint(step)
-            metrics.update(
-                {
-                    "time/rollout_s": t1 - t0,
-                    "time/reward_s": t2 - t1,
-                    "time/train_s": t3 - t2,
-                    "time/weight_sync_s": t4 - t3,
-                    "time/checkpoint_s": time.perf_counter() - t4,
-                    "throughput/rollout_tokens_per_s": info["response/tokens"] / max(t1 - t0, 1e-9),
-                    "faults/rollout_restarts": self.rollout.restarts,
-                    "faults/reward_restarts": self.rewards.restarts,
-                }
-            )
+            metrics.update(self.step_metrics(groups, info, t0, t1, t2, t3))
             # metrics.jsonl counts optimizer updates: line k is the state after k RL steps (0: warm start)
             self.log.log_metrics(step + 1, metrics)
-            self.log.log_rollouts(step + 1, self.rollout_records(prompts, groups, scored, batch, logged))
+            self.log.log_rollouts(step + 1, self.rollout_records(prompts, groups, batch, logged))
             self.log.write_dashboard()
             on_step(step, metrics)
-            if should_stop():
-                self.checkpoint(step)
-                return step + 1
+            step += 1
+            if should_stop() and step < cfg.run.steps:
+                self.checkpoint(step - 1)
+                return step
         return cfg.run.steps
 
     # -- the pieces -------------------------------------------------------------------------------------------
@@ -171,6 +184,40 @@ class Controller:
                 chat = [{"role": "user", "content": text}] if self.cfg.data.use_chat_template else text
                 self._encoded[p.id] = self.tokenizer.encode_prompt(chat)
         return [self._encoded[p.id] for p in prompts]
+
+    def sample(self, step: int) -> tuple[list[list[dict]], int]:
+        """Rollout and reward for one step's prompts: groups of scored samples as plain (JSON-able) dicts,
+        and the policy version that generated them."""
+        prompts = step_prompts(self.train_items, step, self.cfg.data.prompts_per_step, self.cfg.run.seed)
+        with self.workers_lock:
+            t0 = time.perf_counter()
+            groups = self.generate(prompts, step, self.cfg.rollout.sampling.model_dump())
+            t1 = time.perf_counter()
+            scored = self.score(prompts, groups)
+            t2 = time.perf_counter()
+        records = [
+            [
+                {
+                    "step": step,
+                    "prompt": i,
+                    "sample": j,
+                    "tokens": s["tokens"].tolist(),
+                    "logprobs": np.asarray(
+                        s["logprobs"], np.float32
+                    ).tolist(),  # float32→float→float32: exact
+                    "text": s["text"],
+                    "version": s["version"],
+                    "score": x.score,
+                    "correct": self.is_correct(x),
+                    "reward_error": bool(x.errors),
+                    "rollout_s": t1 - t0,
+                    "reward_s": t2 - t1,
+                }
+                for j, (s, x) in enumerate(zip(g, xs, strict=True))
+            ]
+            for i, (g, xs) in enumerate(zip(groups, scored, strict=True))
+        ]
+        return records, groups[0][0]["version"]
 
     def generate(self, prompts: list[PromptItem], step: int, sampling: dict) -> list[list[dict]]:
         ids = self.encode(prompts)
@@ -203,7 +250,7 @@ class Controller:
         n = [len(g) for g in groups]
         return [flat[sum(n[:i]) : sum(n[: i + 1])] for i in range(len(groups))]
 
-    def build_batch(self, prompts, groups, scored) -> tuple[TrainBatch, dict[str, float]]:
+    def build_batch(self, prompts: list[PromptItem], groups: list[list[dict]]) -> tuple[TrainBatch, dict]:
         ids = self.encode(prompts)
         rows = [(ids[i], s) for i, g in enumerate(groups) for s in g]
         T = max(len(p) + len(s["tokens"]) for p, s in rows)
@@ -212,12 +259,13 @@ class Controller:
         mask = torch.zeros(B, T, dtype=torch.bool)
         rollout_logp = torch.zeros(B, T)
         for b, (p, s) in enumerate(rows):
-            r = torch.tensor(s["tokens"])
+            r = torch.tensor(s["tokens"], dtype=torch.long)
             input_ids[b, : len(p)], input_ids[b, len(p) : len(p) + len(r)] = torch.tensor(p), r
             mask[b, len(p) - 1 : len(p) - 1 + len(r)] = True  # position t predicts token t + 1
             rollout_logp[b, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(s["logprobs"])
-        rewards = torch.tensor([x.score for g in scored for x in g], dtype=torch.float32)
-        correct = torch.tensor([float(self.is_correct(x)) for g in scored for x in g])
+        rewards = torch.tensor([s["score"] for _, s in rows], dtype=torch.float32)
+        correct = torch.tensor([float(s["correct"]) for _, s in rows])
+        versions = [s["version"] for _, s in rows]
         batch = TrainBatch(
             input_ids,
             mask,
@@ -225,17 +273,18 @@ class Controller:
             group_size=len(groups[0]),
             rewards_B=rewards,
             correctness_B=correct,
-            policy_version=self.version,
+            policy_version=min(versions),
         )
         info = {
             "prompts/issued": len(prompts),
-            "prompts/scored": len(scored),
+            "prompts/scored": len(groups),
             "samples/scored": B,
+            "samples/staleness_max": self.version - min(versions),
             "reward/mean": rewards.mean().item(),
             "accuracy/train": correct.mean().item(),
             "response/length_mean": mask.sum(1).float().mean().item(),
             "response/tokens": mask.sum().item(),
-            "reward/errors": sum(len(x.errors) > 0 for g in scored for x in g),
+            "reward/errors": sum(s["reward_error"] for _, s in rows),
         }
         return batch, info
 
@@ -256,10 +305,29 @@ class Controller:
         }
         return {k: train[v] for k, v in names.items() if v in train}
 
+    def step_metrics(self, groups, info, t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
+        first = groups[0][0]
+        metrics = {
+            "time/rollout_s": first["rollout_s"],
+            "time/reward_s": first["reward_s"],
+            "time/train_s": t2 - t1,
+            "time/weight_sync_s": t3 - t2,
+            "time/checkpoint_s": time.perf_counter() - t3,
+            "throughput/rollout_tokens_per_s": info["response/tokens"] / max(first["rollout_s"], 1e-9),
+            "faults/rollout_restarts": self.rollout.restarts,
+            "faults/reward_restarts": self.rewards.restarts,
+            "faults/trainer_restarts": self.trainer_restarts,
+        }
+        if self.source is not None:  # async: the loop waited this long for the producer (0: fully overlapped)
+            metrics["time/wait_s"] = t1 - t0
+            metrics.update(self.source.metrics())
+        return metrics
+
     def push_weights(self) -> None:
-        weights, self.version = ray.get(self.trainer.export_weights.remote())
-        self.weights_ref = ray.put(weights)
-        ray.get([a.update_weights.remote(self.weights_ref, self.version) for a in self.rollout.actors])
+        weights, version = ray.get(self.trainer.export_weights.remote())
+        with self.workers_lock:  # never while the producer is mid-step: one step, one policy version
+            self.weights_ref, self.version = ray.put(weights), version
+            ray.get([a.update_weights.remote(self.weights_ref, self.version) for a in self.rollout.actors])
 
     def _send_weights(self, actor) -> None:
         if self.weights_ref is not None:
@@ -268,8 +336,9 @@ class Controller:
     def evaluate(self) -> dict[str, float]:
         items = self.eval_items[: self.cfg.data.eval_prompts]
         greedy = {**self.cfg.rollout.sampling.model_dump(), "n": 1, "greedy": True, "temperature": 0.0}
-        groups = self.generate(items, 0, greedy)
-        scored = self.score(items, groups)
+        with self.workers_lock:
+            groups = self.generate(items, 0, greedy)
+            scored = self.score(items, groups)
         flat = [x for g in scored for x in g]
         return {
             "accuracy/eval": sum(map(self.is_correct, flat)) / len(flat),
@@ -295,13 +364,54 @@ class Controller:
         ray.get(self.trainer.finish_warm_start.remote())
 
     def checkpoint(self, step: int) -> str:
-        return ray.get(
+        """Commit every step up to ``step`` (-1: the warm start); async mode acks their samples after it."""
+        path = ray.get(
             self.trainer.save_checkpoint.remote(str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
         )
+        if self.source is not None:
+            self.source.commit()
+        return path
 
     def restore(self, path: str) -> int:
         position = ray.get(self.trainer.load_checkpoint.remote(path))
         return int(position["next_step"])
+
+    def replace_trainer(self) -> int:
+        """A dead trainer is replaced from the latest checkpoint; returns the step to continue from."""
+        if self.trainer_restarts >= self.cfg.workers.max_restarts:
+            raise RuntimeError(
+                f"the trainer died and workers.max_restarts={self.cfg.workers.max_restarts} is used up"
+            )
+        self.trainer_restarts += 1
+        self.trainer = self.make_trainer()
+        # No checkpoint yet: a new trainer holds the initial weights, the state before step 0 (a warm start,
+        # when there is one, always ends with a checkpoint).
+        ckpt = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        step = self.restore(str(ckpt)) if ckpt is not None else 0
+        self.push_weights()
+        if (
+            self.source is not None
+        ):  # the uncommitted steps' samples are pending in the stream: train them again
+            self.source.rewind(step)
+        return step
+
+    def start_async(self, start_step: int) -> AsyncRollout:
+        """The experience stream of this run (a per-run key on a shared server) and its producer thread."""
+        redis_cfg = self.cfg.redis
+        if redis_cfg.url is not None:
+            redis_cfg = redis_cfg.model_copy(update={"stream": f"{redis_cfg.stream}:{self.run_dir.name}"})
+        stream = ExperienceStream.connect(redis_cfg, self.run_dir)
+        source = AsyncRollout(
+            stream, self.sample, self.cfg.run.steps, self.cfg.rollout.sampling.n, self.cfg.run.max_staleness
+        )
+        source.start(start_step)
+        return source
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        self.log.close()
 
     def trainer_logprobs(self, batch: TrainBatch, groups: int) -> torch.Tensor:
         """The trainer's log-probs (before its update) of the first sample of the first ``groups`` groups."""
@@ -316,18 +426,18 @@ class Controller:
         return ray.get(self.trainer.compute_logprobs.remote(probe))[0]
 
     def rollout_records(
-        self, prompts, groups, scored, batch: TrainBatch, train_logp: torch.Tensor
+        self, prompts: list[PromptItem], groups: list[list[dict]], batch: TrainBatch, train_logp: torch.Tensor
     ) -> list[dict]:
         records = []
         for i, row in enumerate(train_logp):
             b = i * batch.group_size
             mask = batch.response_mask_BT[b]
-            s, x = groups[i][0], scored[i][0]
+            s = groups[i][0]
             records.append(
                 {
                     "prompt": prompts[i].question,
                     "response": s["text"],
-                    "reward": x.score,
+                    "reward": s["score"],
                     "label": prompts[i].answer,
                     "mismatch": mismatch_summary(row[mask].tolist(), batch.rollout_logp_BT[b][mask].tolist()),
                 }

@@ -54,6 +54,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
     if cfg.run.steps < 1:
         raise ValueError("run.steps must be ≥ 1")
+    if cfg.run.mode == "async":
+        from rlplat.buffer import ExperienceStream
+
+        ExperienceStream.check_reachable(cfg.redis)
 
 
 def tokenizer_dir(cfg: ExperimentConfig, run_dir: Path) -> str | None:
@@ -124,41 +128,44 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
         where = init_ray(num_cpus=None)
         check_resources(cfg)
         controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
-        start = 0
-        ckpt = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as bar:
-            if ckpt is not None:
-                start = controller.restore(str(ckpt))
-                console.print(f"resumed from {ckpt} at step {start}")
-            elif cfg.run.warm_start_steps:
-                task = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="")
-                controller.warm_start(
-                    cfg.run.warm_start_steps,
-                    cfg.run.warm_start_batch_size,
-                    lambda k, m: bar.update(task, advance=1, status=f"nll {m['nll']:.3f}"),
-                )
+        try:
+            start = 0
+            ckpt = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as bar:
+                if ckpt is not None:
+                    start = controller.restore(str(ckpt))
+                    console.print(f"resumed from {ckpt} at step {start}")
+                elif cfg.run.warm_start_steps:
+                    task = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="")
+                    controller.warm_start(
+                        cfg.run.warm_start_steps,
+                        cfg.run.warm_start_batch_size,
+                        lambda k, m: bar.update(task, advance=1, status=f"nll {m['nll']:.3f}"),
+                    )
+                    controller.push_weights()
+                    controller.log.log_metrics(0, controller.evaluate())  # step 0: the warm-started policy
+                    controller.checkpoint(-1)  # a crash from here on never repeats the warm start
                 controller.push_weights()
-                controller.log.log_metrics(0, controller.evaluate())  # step 0: the warm-started policy
-            controller.push_weights()
-            task = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, completed=start, status="")
+                task = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, completed=start, status="")
 
-            def on_step(step: int, m: dict) -> None:
-                status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
-                if "accuracy/eval" in m:
-                    status += f" eval {m['accuracy/eval']:.2f}"
-                bar.update(task, completed=step + 1, status=status)
+                def on_step(step: int, m: dict) -> None:
+                    status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
+                    if "accuracy/eval" in m:
+                        status += f" eval {m['accuracy/eval']:.2f}"
+                    bar.update(task, completed=step + 1, status=status)
 
-            end = controller.run(start, lambda: stop["requested"], on_step)
-            if end >= cfg.run.steps:
-                controller.checkpoint(end - 1)
-        controller.log.close()
+                end = controller.run(start, lambda: stop["requested"], on_step)
+                if end >= cfg.run.steps:
+                    controller.checkpoint(end - 1)
+        finally:
+            controller.close()  # the producer thread and the embedded Redis too, on any exit
         console.print(f"run directory: {run_dir}")
         return 130 if stop["requested"] and end < cfg.run.steps else 0
     finally:

@@ -1,6 +1,11 @@
 import os
+import shutil
+import socket
+import subprocess
+import time
 
 import pytest
+import redis
 import torch
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -24,3 +29,46 @@ def tiny_model_fp32():
     model = RingLinearForCausalLM(preset("tiny"))
     model.reset_parameters(seed=0)
     return model.eval()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_server_url(tmp_path):
+    """A real `redis-server` on a free port with its files in a tmp dir, stopped after the test."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed (scripts/install_redis.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    port = _free_port()
+    data = tmp_path / "redis-server"
+    data.mkdir()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data), "--save", ""]
+    args += ["--appendonly", "no", "--daemonize", "no", "--logfile", str(data / "redis.log")]
+    process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None, (data / "redis.log").read_text()
+                assert time.monotonic() < deadline, "redis-server did not start in 10 s"
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        client.close()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
