@@ -1,4 +1,5 @@
-"""Typed config of the ``trainer:`` section: optimiser, micro-batching, backend, data parallelism, checkpoints.
+"""Typed config of the ``trainer:`` section: optimiser, micro-batching, backend, data parallelism, checkpoints,
+and the Megatron backend's parallel layout (``trainer.megatron``).
 
 The model's precision is ``model.precision`` (one setting for rollout and trainer); the RL objective is
 ``algo:``. Gradient accumulation needs no setting: micro-batch losses are divided by the global normaliser of
@@ -28,9 +29,31 @@ class CheckpointConfig(_Closed):
     )
 
 
+class MegatronConfig(_Closed):
+    """Parallel layout of the Megatron-core backend; world size = tensor × pipeline × trainer.dp_world_size."""
+
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="Tensor-parallel ranks: attention heads, MLP columns and vocabulary are split."
+    )
+    expert_parallel_size: int = Field(
+        1, ge=1, description="Expert-parallel ranks: routed experts are split, tokens move by all-to-all."
+    )
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages (layers split); only 1 is implemented in this build."
+    )
+    fp8_recipe: Literal["kernels", "te_blockwise"] = Field(
+        "kernels",
+        description=(
+            "FP8 GEMMs when model.precision is fp8: rlplat's blockwise kernel (the rollout's, aligned) or "
+            "Transformer Engine's Float8BlockScaling (GPU only, faster)."
+        ),
+    )
+
+
 class TrainerConfig(_Closed):
-    backend: Literal["torch"] = Field(
-        "torch", description="Training backend: plain PyTorch (Megatron-core is planned, issue 7)."
+    backend: Literal["torch", "megatron"] = Field(
+        "torch",
+        description="Training backend: plain PyTorch, or Megatron-core (tensor/expert parallel, trainer.megatron).",
     )
     lr: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps.")
@@ -67,10 +90,17 @@ class TrainerConfig(_Closed):
     checkpoint: CheckpointConfig = Field(
         default_factory=CheckpointConfig, description="Checkpoint location, frequency and retention."
     )
+    megatron: MegatronConfig = Field(
+        default_factory=MegatronConfig, description="Parallel layout and FP8 recipe of backend: megatron."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")
+        if self.backend == "torch" and self.megatron != MegatronConfig():
+            raise ValueError(
+                "trainer.megatron is set but trainer.backend is torch; set trainer.backend: megatron"
+            )
         return self

@@ -1,0 +1,420 @@
+"""Ring-linear assembled from Megatron-core's parallel pieces, computing with rlplat's kernels.
+
+Legend: B batch, T tokens, C hidden, H/G heads/kv heads (``_loc``: this tensor-parallel rank's), D head dim,
+N tokens flattened, k experts per token, E experts. Parameter names are the HF names (``layout.py``).
+
+What is Megatron's and what is ours:
+- Megatron-core: the process groups (``parallel_state``), ``VocabParallelEmbedding``, ``ColumnParallelLinear``
+  / ``RowParallelLinear`` (partitioning, parameter attributes, and the collectives: all-reduce of input
+  gradients, all-reduce of row-parallel outputs) and the autograd collectives of ``tensor_parallel.mappings``
+  (all-to-all for expert parallelism, first-dim scatter/gather).
+- rlplat's kernels: every op that defines per-token numerics — RMSNorm, partial RoPE, linear attention with
+  its decays, the group-norm gate, softmax attention, the fp32 group-limited router, SwiGLU, the fused
+  LM-head log-probs, and the local GEMM of each parallel linear (``_forward_impl`` is overridden). A
+  column-parallel GEMM splits output columns only, so it is bitwise the unsplit one; a row-parallel GEMM
+  splits the reduction and differs from tensor_parallel_size 1 by round-off.
+- Not Megatron's ``MoEAlltoAllTokenDispatcher``: it creates a ``torch.cuda.Stream`` at construction and
+  synchronises device-to-host copies on it, and it combines the k expert outputs by ``scatter_add``. The
+  dispatch here uses the same collective (``mappings.all_to_all``) and combines the k slots in the fixed
+  fp32 order of ``rlplat.models.ring_linear.MoE``.
+
+MoE under tensor parallelism (expert tensor parallel size 1, as Megatron does with sequence parallelism):
+activations are replicated across tensor-parallel ranks, so each rank routes a 1/tp slice of the tokens,
+sends them to the expert-parallel ranks owning their experts, and the routed outputs are all-gathered
+back. Expert weights therefore receive each token's gradient exactly once across the expert-data-parallel
+group, and the router's gradient is partial per tensor-parallel rank (marked ``sequence_parallel``, as
+Megatron marks such parameters, and summed over the tensor-parallel group by the trainer).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    all_to_all,
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from torch import nn
+
+from kernels.batch_invariant import linear as invariant_linear
+from kernels.fp8 import fp8_linear
+from kernels.group_norm_gate import group_rms_norm_gate
+from kernels.linear_attention import linear_attention
+from kernels.lm_head import lm_head_logprobs
+from kernels.moe_routing import group_limited_topk
+from kernels.rope import apply_rotary, rope_table
+from kernels.softmax_attention import softmax_attention
+from kernels.swiglu import swiglu
+from rlplat.models.config import RingLinearConfig
+from rlplat.models.ring_linear import RMSNorm, Router, SwiGLU, linear_attention_log_decay
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Weights always come from an HF state (``load_hf_state``); Megatron's initialisers are not used."""
+
+
+class _KernelGemm:
+    """Megatron's partitioning and collectives around rlplat's local GEMM (plain or blockwise FP8)."""
+
+    fp8 = False
+
+    def _forward_impl(self, input, weight, bias, allreduce_dgrad, sequence_parallel, tp_group, **_unused):
+        assert bias is None and not sequence_parallel, "rlplat's layers have no bias and no sequence parallel"
+        if allreduce_dgrad:
+            # Megatron's own GEMM all-reduces the input gradient inside its autograd function; here the
+            # same all-reduce comes from the identity-forward region in front of our GEMM.
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        return fp8_linear(input, weight) if self.fp8 else invariant_linear(input, weight)
+
+
+class ColumnLinear(_KernelGemm, ColumnParallelLinear):
+    pass
+
+
+class RowLinear(_KernelGemm, RowParallelLinear):
+    pass
+
+
+class ParallelLinears:
+    """Builds the tensor-parallel projections: rlplat's GEMM, or Transformer Engine's for FP8 on GPUs."""
+
+    def __init__(self, cfg: RingLinearConfig, dtype: torch.dtype, te_fp8: bool):
+        self.te_fp8 = te_fp8
+        tp = ps.get_tensor_model_parallel_world_size()
+        if te_fp8:
+            from megatron.core.transformer.transformer_config import TransformerConfig
+
+            self.config = TransformerConfig(
+                num_layers=cfg.num_hidden_layers,
+                hidden_size=cfg.hidden_size,
+                num_attention_heads=cfg.num_attention_heads,
+                tensor_model_parallel_size=tp,
+                params_dtype=dtype,
+                bf16=dtype == torch.bfloat16,
+                fp8="e4m3",
+                fp8_recipe="blockwise",
+                perform_initialization=False,
+            )
+        else:
+            self.config = ModelParallelConfig(
+                tensor_model_parallel_size=tp,
+                params_dtype=dtype,
+                use_cpu_initialization=True,  # also allocates on the current device below, not cuda:0
+                perform_initialization=False,
+            )
+
+    def column(self, n_in: int, n_out: int) -> nn.Module:
+        if self.te_fp8:
+            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+            return TEColumnParallelLinear(
+                n_in, n_out, config=self.config, init_method=_no_init, gather_output=False, bias=False,
+                skip_bias_add=False, is_expert=False,
+            )  # fmt: skip
+        return ColumnLinear(n_in, n_out, config=self.config, init_method=_no_init, bias=False)
+
+    def row(self, n_in: int, n_out: int) -> nn.Module:
+        if self.te_fp8:
+            from megatron.core.extensions.transformer_engine import TERowParallelLinear
+
+            return TERowParallelLinear(
+                n_in, n_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
+                skip_bias_add=False, is_expert=False,
+            )  # fmt: skip
+        return RowLinear(
+            n_in, n_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
+            skip_bias_add=False,
+        )  # fmt: skip
+
+
+def _out(result):
+    """Megatron's parallel linears return (output, bias)."""
+    return result[0]
+
+
+def _mark_shared_by_heads(attention: nn.Module) -> None:
+    """The per-head QK-norm weights act on every head, but a tensor-parallel rank runs only its own heads, so
+    its gradient is partial: marked as Megatron marks such parameters, summed over tp ranks by the trainer."""
+    attention.query_layernorm.weight.sequence_parallel = True
+    attention.key_layernorm.weight.sequence_parallel = True
+
+
+class ParallelLinearAttention(nn.Module):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears):
+        super().__init__()
+        tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+        self.heads, self.head_dim = H // tp, D
+        self.groups, self.eps = cfg.group_norm_size // tp, cfg.rms_norm_eps
+        self.query_key_value = lin.column(C, 3 * H * D)
+        self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.g_proj = lin.column(C, H * D)
+        self.g_norm = RMSNorm(H * D // tp, cfg.rms_norm_eps)
+        self.dense = lin.row(H * D, C)
+        _mark_shared_by_heads(self)
+        log_decay = linear_attention_log_decay(cfg, layer_idx).chunk(tp)[rank]
+        self.register_buffer("log_decay", log_decay.clone(), persistent=False)
+
+    def forward(self, x_BTC, positions_BT, rope):
+        B, T, _ = x_BTC.shape
+        qkv = _out(self.query_key_value(x_BTC)).view(B, T, 3, self.heads, self.head_dim)
+        q, k, v = qkv.unbind(2)
+        q = apply_rotary(self.query_layernorm(q), positions_BT, *rope)
+        k = apply_rotary(self.key_layernorm(k), positions_BT, *rope)
+        o, _ = linear_attention(q, k, v, self.log_decay, self.head_dim**-0.5)
+        gate = _out(self.g_proj(x_BTC))
+        o = group_rms_norm_gate(o.reshape(B, T, -1), gate, self.g_norm.weight, self.groups, self.eps)
+        return _out(self.dense(o))
+
+
+class ParallelSoftmaxAttention(nn.Module):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
+        super().__init__()
+        tp = ps.get_tensor_model_parallel_world_size()
+        H, G, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.heads, self.kv_heads, self.head_dim = H // tp, G // tp, D
+        self.query_key_value = lin.column(C, (H + 2 * G) * D)
+        self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.dense = lin.row(H * D, C)
+        _mark_shared_by_heads(self)
+
+    def forward(self, x_BTC, positions_BT, rope):
+        B, T, _ = x_BTC.shape
+        H, G, D = self.heads, self.kv_heads, self.head_dim
+        q, k, v = _out(self.query_key_value(x_BTC)).split([H * D, G * D, G * D], dim=-1)
+        q = apply_rotary(self.query_layernorm(q.reshape(B, T, H, D)), positions_BT, *rope)
+        k = apply_rotary(self.key_layernorm(k.reshape(B, T, G, D)), positions_BT, *rope)
+        o = softmax_attention(q, k, v.reshape(B, T, G, D), positions_BT, D**-0.5)
+        return _out(self.dense(o.reshape(B, T, H * D)))
+
+
+class ParallelSwiGLU(nn.Module):
+    """Dense or shared-expert SwiGLU: gate/up column-parallel, down row-parallel."""
+
+    def __init__(self, hidden: int, intermediate: int, lin: ParallelLinears):
+        super().__init__()
+        self.gate_proj = lin.column(hidden, intermediate)
+        self.up_proj = lin.column(hidden, intermediate)
+        self.down_proj = lin.row(intermediate, hidden)
+
+    def forward(self, x):
+        return _out(self.down_proj(swiglu(_out(self.gate_proj(x)), _out(self.up_proj(x)))))
+
+
+class ParallelMoE(nn.Module):
+    """Group-limited sigmoid routing, routed experts split over expert-parallel ranks, TP shared expert."""
+
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
+        super().__init__()
+        self.cfg = cfg
+        self.ep = ps.get_expert_model_parallel_world_size()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
+        self.local_experts = cfg.num_experts // self.ep
+        self.gate = Router(cfg)
+        self.gate.weight.sequence_parallel = True  # partial gradient per tp rank (see module docstring)
+        self.experts = nn.ModuleList(
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(self.local_experts)
+        )
+        for p in self.experts.parameters():
+            p.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group
+        self.shared_experts = (
+            ParallelSwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, lin)
+            if cfg.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        x_NC = x_BTC.reshape(-1, x_BTC.shape[-1])
+        N, tp = x_NC.shape[0], ps.get_tensor_model_parallel_world_size()
+        pad = -N % tp
+        x_tok = torch.cat([x_NC, x_NC.new_zeros(pad, x_NC.shape[1])]) if pad else x_NC
+        tp_group = ps.get_tensor_model_parallel_group()
+        x_local = scatter_to_sequence_parallel_region(x_tok, group=tp_group)
+        routed_local = self._routed(x_local)
+        # the rest of the layer is replicated across tp ranks: backward takes this rank's slice, no reduce
+        routed = gather_from_sequence_parallel_region(
+            routed_local, tensor_parallel_output_grad=False, group=tp_group
+        )[:N]
+        out = routed
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x_NC).float()
+        return out.to(x_BTC.dtype).view_as(x_BTC)
+
+    def _routed(self, x_NC: torch.Tensor) -> torch.Tensor:
+        """Sum over the k chosen experts of weight · expert(x), fp32 [N, C], slots added in a fixed order."""
+        cfg = self.cfg
+        weights_Nk, ids_Nk = group_limited_topk(
+            self.gate(x_NC), self.gate.expert_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+            cfg.routed_scaling_factor, cfg.norm_topk_prob,
+        )  # fmt: skip
+        N, k = ids_Nk.shape
+        flat_ids = ids_Nk.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)  # grouped by expert, hence by owning ep rank
+        sorted_ids = flat_ids[order]
+        send_x = x_NC[order // k]
+        y_sorted = self._experts_remote(send_x, sorted_ids)
+        slots_NkC = y_sorted.new_zeros(N * k, x_NC.shape[1], dtype=torch.float32)
+        slots_NkC = slots_NkC.index_copy(0, order, y_sorted.float()).view(N, k, -1)
+        slots_NkC = slots_NkC * weights_Nk[..., None]
+        out = slots_NkC[:, 0]
+        for s in range(1, k):
+            out = out + slots_NkC[:, s]
+        return out
+
+    def _experts_remote(self, send_x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
+        """Run each row through its expert on the owning expert-parallel rank; rows come back in order."""
+        E_loc = self.local_experts
+        if self.ep == 1:
+            return self._run_local(send_x, sorted_ids)
+        group = ps.get_expert_model_parallel_group()
+        send_counts = torch.bincount(sorted_ids // E_loc, minlength=self.ep)
+        recv_counts = torch.empty_like(send_counts)
+        torch.distributed.all_to_all_single(recv_counts, send_counts, group=group)
+        send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
+        recv_ids = sorted_ids.new_empty(sum(recv_split))
+        torch.distributed.all_to_all_single(
+            recv_ids, sorted_ids.contiguous(), recv_split, send_split, group=group
+        )
+        recv_x = all_to_all(group, send_x, recv_split, send_split)
+        y = self._run_local(recv_x, recv_ids - self.ep_rank * E_loc)
+        return all_to_all(group, y, send_split, recv_split)
+
+    def _run_local(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        y = x.new_zeros(x.shape)
+        for e in local_ids.unique().tolist():
+            rows = (local_ids == e).nonzero()[:, 0]
+            y = y.index_copy(0, rows, self.experts[e](x[rows]))
+        return y
+
+
+class ParallelDecoderLayer(nn.Module):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears):
+        super().__init__()
+        C = cfg.hidden_size
+        self.input_layernorm = RMSNorm(C, cfg.rms_norm_eps)
+        self.attention = (
+            ParallelSoftmaxAttention(cfg, lin)
+            if cfg.is_softmax_layer(layer_idx)
+            else ParallelLinearAttention(cfg, layer_idx, lin)
+        )
+        self.post_attention_layernorm = RMSNorm(C, cfg.rms_norm_eps)
+        self.mlp = (
+            ParallelMoE(cfg, lin)
+            if cfg.is_moe_layer(layer_idx)
+            else ParallelSwiGLU(C, cfg.intermediate_size, lin)
+        )
+
+    def forward(self, x, positions_BT, rope):
+        h = x + self.attention(self.input_layernorm(x), positions_BT, rope)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class _Model(nn.Module):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=lin.config
+        )
+        self.layers = nn.ModuleList(ParallelDecoderLayer(cfg, i, lin) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        cos, sin = rope_table(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+
+class ParallelRingLinear(nn.Module):
+    """This rank's part of a Ring-linear model; ``token_logprobs`` matches ``RingLinearForCausalLM``'s."""
+
+    def __init__(self, cfg: RingLinearConfig, dtype: torch.dtype = torch.float32, fp8: str | None = None):
+        super().__init__()
+        self.config = cfg
+        lin = ParallelLinears(cfg, dtype, te_fp8=fp8 == "te_blockwise")
+        self.te_config = lin.config if lin.te_fp8 else None
+        self.model = _Model(cfg, lin)
+        self.lm_head = lin.column(cfg.hidden_size, cfg.vocab_size)
+        if lin.te_fp8:
+            # log-probs are defined by rlplat's fp32 LM head, never by an FP8 GEMM
+            self.lm_head = ColumnLinear(
+                cfg.hidden_size, cfg.vocab_size,
+                config=ModelParallelConfig(
+                    tensor_model_parallel_size=lin.config.tensor_model_parallel_size, params_dtype=dtype,
+                    use_cpu_initialization=True, perform_initialization=False,
+                ),
+                init_method=_no_init, bias=False,
+            )  # fmt: skip
+        # parameters only: buffers (RoPE tables, decays, expert_bias) stay fp32, as rlplat.models.precision
+        for p in self.parameters():
+            p.data = p.data.to(dtype)
+        self.set_fp8(fp8 == "kernels")
+
+    def set_fp8(self, enabled: bool) -> None:
+        """rlplat's blockwise FP8 on every projection except the router and the LM head (as the rollout)."""
+        from rlplat.models.ring_linear import Linear
+
+        for name, m in self.named_modules():
+            if isinstance(m, (_KernelGemm, Linear)) and name != "lm_head":
+                m.fp8 = enabled
+
+    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids_BT.shape
+        vocab = self.config.vocab_size
+        if input_ids_BT.numel() and (int(input_ids_BT.min()) < 0 or int(input_ids_BT.max()) >= vocab):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab}); got values outside that range")
+        if self.config.max_position_embeddings < T:
+            raise ValueError(
+                f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
+            )
+        positions = torch.arange(T, device=input_ids_BT.device)[None, :].expand(B, T)
+        rope = (self.model.rope_cos, self.model.rope_sin)
+        x = self.model.word_embeddings(input_ids_BT)
+        for layer in self.model.layers:
+            x = layer(x, positions, rope)
+        return self.model.norm(x)
+
+    def token_logprobs(self, input_ids_BT, targets_BT, temperature: float = 1.0):
+        """(log-prob of each target, entropy) fp32 [B, T], the same on every tensor-parallel rank."""
+        if self.te_config is not None:
+            from megatron.core.fp8_utils import get_fp8_context
+
+            with get_fp8_context(self.te_config):
+                h = self.hidden_states(input_ids_BT)
+        else:
+            h = self.hidden_states(input_ids_BT)
+        B, T, C = h.shape
+        # The fused LM head needs the whole vocabulary: gather the vocab-split weight (its backward hands
+        # each rank the gradient of its own rows; every tp rank computes the same replicated loss).
+        w_VC = gather_from_sequence_parallel_region(
+            self.lm_head.weight, tensor_parallel_output_grad=False, group=ps.get_tensor_model_parallel_group()
+        )
+        logp, entropy = lm_head_logprobs(h.reshape(B * T, C), w_VC, targets_BT.reshape(-1), temperature)
+        return logp.view(B, T), entropy.view(B, T)
+
+    # -- weights ---------------------------------------------------------------------------------------------
+
+    def local_state(self) -> dict[str, torch.Tensor]:
+        """This rank's tensors under HF names (local expert numbering): parameters and ``expert_bias``."""
+        out = {n: p for n, p in self.named_parameters()}
+        out.update({n: b for n, b in self.named_buffers() if n.endswith("expert_bias")})
+        return out
+
+    @torch.no_grad()
+    def load_local_state(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.local_state()
+        missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        if missing or unexpected:
+            raise ValueError(
+                f"shard does not fit this model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+            )
+        for name, t in mine.items():
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise ValueError(
+                    f"shard tensor {name} is {tuple(state[name].shape)}, this rank expects {tuple(t.shape)} "
+                    "(saved with other parallel sizes?)"
+                )
+            t.copy_(state[name].to(t.dtype))

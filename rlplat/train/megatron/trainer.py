@@ -1,0 +1,354 @@
+"""The Megatron-core trainer backend: the torch ``Trainer``'s RL step on a tensor/expert-parallel model.
+
+One process per rank (torch.distributed; nccl on GPUs, gloo on CPU). ``init_megatron`` checks the layout
+first (``layout.check_layout``: a bad size fails before any process group exists), then joins the default
+group and builds Megatron's groups (``parallel_state.initialize_model_parallel``, expert tensor parallel 1).
+
+The step itself is ``rlplat.train.trainer.Trainer._train_step`` unchanged — advantages, filters,
+corrections, losses, micro-batching, the global loss normaliser — because the model's ``token_logprobs`` is
+the same function of the same weights. Only the reductions differ, and they go through ``MegatronGroups``,
+the object the Trainer calls its data-parallel group:
+
+- loss normaliser, metrics and the non-finite flag: summed over the data-parallel group (tensor-parallel
+  ranks hold the same rows and compute the same values);
+- gradients, in one call in parameter order: dense parameters over the data-parallel group, the routers
+  (partial per tensor-parallel rank, see ``model.py``) over tensor- then data-parallel groups, routed experts
+  over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
+  counted once each, replicated tensors once, experts once per expert-parallel group) and clipping by it,
+  so the Trainer's own per-rank clip that follows is a no-op (its norm is ≤ the global one).
+
+Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron's distributed optimizer,
+which shards them over data-parallel ranks, is not used); pipeline parallelism is not implemented; the
+aux-loss-free expert-bias update is refused (``layout.check_layout``). Under expert parallelism every rank
+must run the same number of forwards (the all-to-alls pair them up), so micro-batches are split until all
+ranks have as many as the busiest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from rlplat.algos.config import AlgoConfig
+from rlplat.models import RingLinearForCausalLM, precision_of
+from rlplat.models.checkpoint import INDEX_FILE, SINGLE_FILE
+from rlplat.models.config import RingLinearConfig
+from rlplat.train.batch import TrainBatch
+from rlplat.train.config import TrainerConfig
+from rlplat.train.megatron.layout import (
+    LAYOUT_FILE,
+    ParallelLayout,
+    check_checkpoint_layout,
+    check_layout,
+    global_expert_name,
+    is_tensor_parallel,
+    shard_state,
+    unshard_tensor,
+    write_layout,
+)
+from rlplat.train.megatron.model import ParallelRingLinear
+from rlplat.train.trainer import Trainer
+
+LATEST = "latest"
+META_FILE = "meta.json"
+
+
+def init_megatron(
+    model_cfg: RingLinearConfig,
+    trainer_cfg: TrainerConfig,
+    *,
+    rank: int,
+    world_size: int,
+    precision: str = "fp32",
+    backend: str = "auto",
+) -> ParallelLayout:
+    """Check the layout, join the default process group (MASTER_ADDR/PORT from the environment) and build
+    Megatron's tensor/expert/data-parallel groups. Returns the layout."""
+    lay = check_layout(model_cfg, trainer_cfg, precision=precision, world_size=world_size)
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("the Megatron backend needs MASTER_ADDR and MASTER_PORT in the environment")
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        expert_model_parallel_size=lay.ep,
+        expert_tensor_parallel_size=1,
+    )
+    return lay
+
+
+class MegatronGroups:
+    """The Trainer's data-parallel interface (``rank``, ``world_size``, ``shard``, ``all_reduce``,
+    ``all_reduce_tensors``) over Megatron's groups; gradients are routed per parameter (module docstring)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], grad_clip: float | None):
+        self.rank = ps.get_data_parallel_rank()
+        self.world_size = ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.ep_group = ps.get_expert_model_parallel_group()
+        self.edp_group = ps.get_expert_data_parallel_group()
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        self.grad_clip = grad_clip
+        self.expert = [".mlp.experts." in n for n, _ in named_params]
+        self.partial_tp = [bool(getattr(p, "sequence_parallel", False)) for _, p in named_params]
+        # dense tensors in this rank's share of the global norm: tp shards, replicated ones on tp rank 0
+        # (by name, from layout.py: Megatron sets its tensor_model_parallel attribute only when it initialises)
+        self.in_dense_norm = [
+            not e and (is_tensor_parallel(n) or tp_rank == 0)
+            for (n, _), e in zip(named_params, self.expert, strict=True)
+        ]
+        self.last_grad_norm = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, num_rows: int) -> torch.Tensor:
+        return torch.tensor_split(torch.arange(num_rows), self.world_size)[self.rank]
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.enabled:
+            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+            dist.all_reduce(t, op=reduce_op, group=self.dp_group)
+        return t
+
+    def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """The Trainer calls this with the master gradients (parameter order) or its expert-load counts,
+        which are empty here (``ParallelMoE`` is not the torch model's ``MoE``)."""
+        if not tensors:
+            return
+        assert len(tensors) == len(self.expert), "expected one gradient per parameter, in parameter order"
+        for g, expert, partial in zip(tensors, self.expert, self.partial_tp, strict=True):
+            if expert:
+                dist.all_reduce(g, group=self.edp_group)
+                continue
+            if partial:
+                dist.all_reduce(g, group=self.tp_group)
+            if self.enabled:
+                dist.all_reduce(g, group=self.dp_group)
+        sq = torch.zeros(2, dtype=torch.float64)
+        for g, expert, dense in zip(tensors, self.expert, self.in_dense_norm, strict=True):
+            if expert or dense:
+                sq[int(expert)] += g.detach().double().square().sum().cpu()
+        dense_sq, expert_sq = sq[:1].clone(), sq[1:].clone()
+        dist.all_reduce(dense_sq, group=self.tp_group)
+        dist.all_reduce(expert_sq, group=self.ep_group)
+        norm = float((dense_sq + expert_sq).sqrt())
+        self.last_grad_norm = norm
+        if not torch.isfinite(torch.tensor(norm)):
+            for g in tensors:  # every rank then refuses the step in the Trainer, not just the one with NaN
+                g.fill_(float("nan"))
+            return
+        if self.grad_clip is not None:
+            coef = min(1.0, self.grad_clip / (norm + 1e-6))
+            if coef < 1.0:
+                for g in tensors:
+                    g.mul_(coef)
+
+
+def _hf_source(weights: RingLinearForCausalLM | str | Path):
+    """(config, names, get(name)) of an in-memory model or an HF directory read tensor by tensor."""
+    if isinstance(weights, RingLinearForCausalLM):
+        state = weights.state_dict()
+        return weights.config, list(state), lambda n: state[n].detach().cpu()
+    path = Path(weights)
+    cfg = RingLinearConfig.from_json(path / "config.json")
+    if (path / INDEX_FILE).exists():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+    else:
+        with safe_open(str(path / SINGLE_FILE), framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(str(path / weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name)
+
+    with torch.device("meta"):
+        names = list(RingLinearForCausalLM(cfg).state_dict())
+    absent = [n for n in names if n not in weight_map]
+    if absent:
+        raise ValueError(f"{path} lacks {len(absent)} tensor(s) of the model, e.g. {absent[:5]}")
+    return cfg, names, get
+
+
+def gather_full(
+    model: ParallelRingLinear, lay: ParallelLayout, local: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full CPU tensor) for tensors named like ``model.local_state()`` (weights, or their
+    gradients), gathered over the tensor- and expert-parallel groups one at a time. A collective: every
+    rank must iterate it to the end."""
+    cfg = model.config
+    tp_group, ep_group = ps.get_tensor_model_parallel_group(), ps.get_expert_model_parallel_group()
+    for name, t in local.items():
+        t = t.detach().contiguous()
+        if ".mlp.experts." in name:
+            parts = [torch.empty_like(t) for _ in range(lay.ep)]
+            dist.all_gather(parts, t, group=ep_group)
+            for e, part in enumerate(parts):
+                yield global_expert_name(name, cfg, lay.ep, e), part.cpu()
+        elif is_tensor_parallel(name) and lay.tp > 1:
+            parts = [torch.empty_like(t) for _ in range(lay.tp)]
+            dist.all_gather(parts, t, group=tp_group)
+            yield name, unshard_tensor(name, [p.cpu() for p in parts], cfg)
+        else:
+            yield name, t.cpu().clone()
+
+
+class MegatronTrainer(Trainer):
+    """``TrainerBackend`` on Megatron-core: call ``init_megatron`` in every rank first, then build this."""
+
+    def __init__(
+        self,
+        weights: RingLinearForCausalLM | str | Path,
+        algo: AlgoConfig | None = None,
+        config: TrainerConfig | None = None,
+        *,
+        precision: str | None = None,
+    ):
+        config = config or TrainerConfig(backend="megatron")
+        if precision is None:
+            precision = precision_of(weights) if isinstance(weights, RingLinearForCausalLM) else "bf16"
+        cfg, names, get = _hf_source(weights)
+        self.layout = check_layout(cfg, config, precision=precision, world_size=dist.get_world_size())
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.ep_rank = ps.get_expert_model_parallel_rank()
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        fp8 = config.megatron.fp8_recipe if precision == "fp8" else None
+        model = ParallelRingLinear(cfg, dtype, fp8=fp8)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        model.load_local_state(shard_state(names, get, cfg, self.layout, self.tp_rank, self.ep_rank))
+        groups = MegatronGroups(list(model.named_parameters()), config.grad_clip)
+        super().__init__(model, algo, config, dp=groups)  # type: ignore[arg-type]
+        self.groups = groups
+        self.precision = precision
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        out = super().train_step(batch)
+        if "grad_norm" in out:
+            out["grad_norm"] = self.groups.last_grad_norm  # the global norm, before clipping
+        return out
+
+    def _micro_batches(self, batch: TrainBatch, local: torch.Tensor) -> list[torch.Tensor]:
+        micro = super()._micro_batches(batch, local)
+        if self.layout.ep == 1:
+            return micro
+        stats = torch.tensor([len(micro), -len(local)])
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        target, fewest_rows = int(stats[0]), -int(stats[1])
+        if fewest_rows < target:
+            raise ValueError(
+                f"expert parallelism needs every data-parallel rank to run {target} micro-batch(es), but a rank "
+                f"has only {fewest_rows} row(s) this step; use a larger batch, a larger micro_batch_size or "
+                "fewer data-parallel ranks"
+            )
+        while len(micro) < target:
+            i = max(range(len(micro)), key=lambda j: len(micro[j]))
+            micro[i : i + 1] = list(micro[i].tensor_split(2))
+        return micro
+
+    # -- weights out -------------------------------------------------------------------------------------------
+
+    def export_weight_buckets(self, max_bytes: int = 512 << 20) -> Iterator[dict[str, torch.Tensor]]:
+        """Full tensors under HF names (CPU, the model's dtypes), in buckets of at most ``max_bytes`` (a
+        tensor larger than that is a bucket of its own). Every rank must iterate (collectives); every rank
+        gets the same buckets, so any rank can push them to rollout workers."""
+        bucket: dict[str, torch.Tensor] = {}
+        size = 0
+        for name, full in self._gathered():
+            nbytes = full.numel() * full.element_size()
+            if bucket and size + nbytes > max_bytes:
+                yield bucket
+                bucket, size = {}, 0
+            bucket[name] = full
+            size += nbytes
+        if bucket:
+            yield bucket
+
+    def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The whole model at once (``TrainerBackend``); large models should stream ``export_weight_buckets``."""
+        out: dict[str, torch.Tensor] = {}
+        for bucket in self.export_weight_buckets():
+            out.update(bucket)
+        return out, self._version
+
+    def _gathered(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return gather_full(self.model, self.layout, self.model.local_state())
+
+    # -- checkpoints (one model + one trainer file per distinct (tp rank, ep rank)) ---------------------------
+
+    def save_checkpoint(self, directory: str, data_position: Any = None) -> Path:
+        """Write ``<directory>/step-<k>/`` (all ranks call this) and point ``<directory>/latest`` at it."""
+        json.dumps(data_position)  # fail before writing anything
+        root = Path(directory)
+        name = f"step-{self.step:08d}"
+        final, tmp_name = root / name, [f".tmp-{name}-{uuid.uuid4().hex}"]
+        dist.broadcast_object_list(tmp_name, src=0)
+        tmp = root / tmp_name[0]
+        if dist.get_rank() == 0:
+            tmp.mkdir(parents=True)
+            write_layout(tmp, self.layout, {"precision": self.precision})
+            (tmp / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2) + "\n")
+            meta = {"step": self.step, "version": self._version, "data_position": data_position}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        dist.barrier()
+        if self._writes_shard():
+            tag = f"tp{self.tp_rank}-ep{self.ep_rank}"
+            local = {k: v.detach().contiguous().cpu() for k, v in self.model.local_state().items()}
+            save_file(local, str(tmp / f"model-{tag}.safetensors"), metadata={"format": "pt"})
+            state = self.state_dict()
+            state.pop("model")
+            if not self.config.checkpoint.save_optimizer:
+                state["optimizer"] = None
+            torch.save(state, tmp / f"trainer-{tag}.pt")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            pointer = root / f".{LATEST}.{uuid.uuid4().hex}.tmp"
+            pointer.write_text(name + "\n")
+            os.replace(pointer, root / LATEST)
+            for old in sorted(root.glob("step-*"))[: -self.config.checkpoint.keep_last]:
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, path: str) -> Any:
+        """Restore from ``step-*`` (or a root with ``latest``) saved under the same tp/ep/pp sizes."""
+        path = Path(path)
+        if (path / LATEST).exists() and not (path / LAYOUT_FILE).exists():
+            path = path / (path / LATEST).read_text().strip()
+        check_checkpoint_layout(path, self.layout)
+        tag = f"tp{self.tp_rank}-ep{self.ep_rank}"
+        state = torch.load(path / f"trainer-{tag}.pt", map_location=self.device, weights_only=True)
+        if state["optimizer"] is None:
+            raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
+        # Trainer.load_state_dict loads the module strictly; Megatron's layers default their _extra_state
+        state["model"] = load_file(str(path / f"model-{tag}.safetensors"), device=str(self.device))
+        self.load_state_dict(state)
+        return json.loads((path / META_FILE).read_text())["data_position"]
+
+    def _writes_shard(self) -> bool:
+        """The lowest global rank holding this (tp rank, ep rank) writes its files; replicas write nothing."""
+        coords: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(coords, (self.tp_rank, self.ep_rank))
+        return coords.index((self.tp_rank, self.ep_rank)) == dist.get_rank()
