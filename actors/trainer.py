@@ -19,6 +19,11 @@ class TrainerWorker:
         torch.set_num_threads(max(1, num_threads))
         cfg = ExperimentConfig.model_validate(config)
         kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
+        if cfg.trainer.backend == "megatron":
+            from rlplat.train.megatron.trainer import single_rank_trainer
+
+            self.trainer = single_rank_trainer(cfg)  # refuses layouts of more than one rank
+            return
         # build_policy is what the rollout workers call too: same seed, same weights, same precision.
         self.trainer = Trainer(build_policy(cfg.model), cfg.algo, cfg.trainer)
 

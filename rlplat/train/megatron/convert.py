@@ -54,16 +54,17 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tp: int = 1, ep: int
 def read_shards(
     directory: str | Path,
 ) -> tuple[ParallelLayout, dict[tuple[int, int], dict[str, torch.Tensor]]]:
+    """The layout and every ``model-tp<t>-ep<e>`` file of a sharded directory (a checkpoint may hold only
+    the (tp, ep) pairs its ranks had; ``merge_states`` says if one it needs is missing)."""
     directory = Path(directory)
     lay = read_layout(directory)
     shards = {}
     for t in range(lay.tp):
         for e in range(lay.ep):
             path = shard_file(directory, t, e)
-            if not path.exists():
-                raise ValueError(f"{directory} lacks {path.name} for its layout {lay}")
-            with safe_open(str(path), framework="pt") as f:
-                shards[(t, e)] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            if path.exists():
+                with safe_open(str(path), framework="pt") as f:
+                    shards[(t, e)] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     return lay, shards
 
 

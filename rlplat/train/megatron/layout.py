@@ -68,8 +68,12 @@ def check_layout(
     precision: str = "fp32",
     world_size: int | None = None,
     cuda_available: bool | None = None,
+    hardware: bool = True,
 ) -> ParallelLayout:
-    """Refuse a layout that cannot work, naming the setting to change. Run before any process group starts."""
+    """Refuse a layout that cannot work, naming the setting to change. Run before any process group starts.
+
+    ``hardware=False`` skips what depends on this machine (a GPU and Transformer Engine for the TE recipe),
+    to validate a launch config elsewhere."""
     lay = layout_of(trainer_cfg)
     tp, ep, pp = lay.tp, lay.ep, lay.pp
     fix = "trainer.megatron"
@@ -122,16 +126,37 @@ def check_layout(
             "(the RL default) or use backend torch"
         )
     if trainer_cfg.megatron.fp8_recipe == "te_blockwise":
-        check_te_fp8(precision, cuda_available)
+        if precision != "fp8":
+            raise ValueError(
+                f"trainer.megatron.fp8_recipe: te_blockwise needs model.precision: fp8 (it is {precision})"
+            )
+        if hardware:
+            check_te_fp8(cuda_available)
     return lay
 
 
-def check_te_fp8(precision: str, cuda_available: bool | None = None) -> None:
-    """Transformer Engine's FP8 recipe needs model.precision fp8, a CUDA GPU and the TE package."""
-    if precision != "fp8":
+def check_run(cfg) -> ParallelLayout:
+    """What ``rlplat run`` can start with backend megatron (an ``ExperimentConfig``): one trainer actor, so one
+    rank. Multi-rank layouts run under torchrun-style launchers (``init_megatron`` in every process)."""
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.models.presets import preset
+
+    if cfg.model.path is not None:
+        model_cfg = RingLinearConfig.from_json(Path(cfg.model.path) / "config.json")
+    else:
+        model_cfg = preset(cfg.model.preset, **cfg.model.overrides)
+    lay = check_layout(model_cfg, cfg.trainer, precision=cfg.model.precision)
+    if lay.world > 1:
         raise ValueError(
-            f"trainer.megatron.fp8_recipe: te_blockwise needs model.precision: fp8 (it is {precision})"
+            f"trainer.backend megatron with {lay.world} ranks (tensor {lay.tp} × pipeline {lay.pp} × data "
+            f"{lay.dp}) needs one trainer actor per rank, which rlplat run does not start yet; run the trainer "
+            "ranks with init_megatron + MegatronTrainer under torchrun, or set the sizes to 1"
         )
+    return lay
+
+
+def check_te_fp8(cuda_available: bool | None = None) -> None:
+    """Transformer Engine's FP8 recipe needs a CUDA GPU and the TE package."""
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
     if not cuda_available:
@@ -246,16 +271,20 @@ def shard_state(
 def merge_states(
     shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: RingLinearConfig, lay: ParallelLayout
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) pairs from every (tp_rank, ep_rank) shard, one tensor at a time."""
-    missing = {(t, e) for t in range(lay.tp) for e in range(lay.ep)} - set(shards)
+    """(HF name, full tensor) pairs from (tp_rank, ep_rank) shards, one tensor at a time. Not every pair need
+    exist: with tp=ep=2 on two ranks they are (0, 0) and (1, 1); each tp rank and each ep rank must appear."""
+    by_tp = {k[0]: shards[k] for k in sorted(shards, reverse=True)}  # the lowest pair of each rank wins
+    by_ep = {k[1]: shards[k] for k in sorted(shards, reverse=True)}
+    missing = [f"tp_rank {t}" for t in range(lay.tp) if t not in by_tp]
+    missing += [f"ep_rank {e}" for e in range(lay.ep) if e not in by_ep]
     if missing:
-        raise ValueError(f"shards {sorted(missing)} (tp_rank, ep_rank) are missing for layout {lay}")
-    for name in shards[(0, 0)]:
+        raise ValueError(f"no shard holds {', '.join(missing)} of layout {lay}")
+    for name in by_tp[0]:
         if expert_owner(name, cfg, 1) is not None:
             continue
-        yield name, unshard_tensor(name, [shards[(t, 0)][name] for t in range(lay.tp)], cfg)
+        yield name, unshard_tensor(name, [by_tp[t][name] for t in range(lay.tp)], cfg)
     for e in range(lay.ep):
-        for name, t in shards[(0, e)].items():
+        for name, t in by_ep[e].items():
             if expert_owner(name, cfg, 1) is not None:
                 yield global_expert_name(name, cfg, lay.ep, e), t.clone()
 

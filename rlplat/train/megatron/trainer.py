@@ -352,3 +352,21 @@ class MegatronTrainer(Trainer):
         coords: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(coords, (self.tp_rank, self.ep_rank))
         return coords.index((self.tp_rank, self.ep_rank)) == dist.get_rank()
+
+
+def single_rank_trainer(cfg) -> MegatronTrainer:
+    """The Megatron trainer of one trainer actor (an ``ExperimentConfig``): a one-process group, so the whole
+    model on one device. ``layout.check_run`` refuses larger layouts before this runs."""
+    from rlplat.engine.policy import build_policy
+    from rlplat.train.dist import free_port
+    from rlplat.train.megatron.layout import check_run
+
+    check_run(cfg)
+    policy = build_policy(cfg.model)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    init_megatron(
+        policy.config, cfg.trainer, rank=0, world_size=1, precision=cfg.model.precision,
+        backend=cfg.trainer.dist_backend,
+    )  # fmt: skip
+    return MegatronTrainer(policy, cfg.algo, cfg.trainer, precision=cfg.model.precision)

@@ -1,0 +1,132 @@
+"""Two CPU processes on gloo running the Megatron backend in several layouts; results go to OUT/*.pt.
+
+Run as a script (``python _workers.py OUT``) by the session fixture in ``conftest.py``: spawned children
+re-import a script by path, which works whatever pytest's import mode. OUT/inputs.pt (written by the
+fixture) holds the batch, the per-token loss weights and the HF model directory. One launch runs every
+layout, because importing megatron-core costs ~4 s per process on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _shim import cpu_shim
+
+LAYOUTS = {"tp2": dict(tp=2, ep=1, dp=1), "ep2": dict(tp=1, ep=2, dp=2), "tp2ep2": dict(tp=2, ep=2, dp=1)}
+
+
+def _trainer_cfg(tp: int, ep: int, dp: int, **kw):
+    from rlplat.train.config import MegatronConfig, TrainerConfig
+
+    return TrainerConfig(
+        backend="megatron",
+        dp_world_size=dp,
+        megatron=MegatronConfig(tensor_parallel_size=tp, expert_parallel_size=ep),
+        **kw,
+    )
+
+
+def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
+    """Forward + backward of the parallel model on this rank's rows, gradients reduced by MegatronGroups."""
+    from megatron.core import parallel_state as ps
+
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train.megatron.layout import shard_state
+    from rlplat.train.megatron.model import ParallelRingLinear
+    from rlplat.train.megatron.trainer import MegatronGroups, _hf_source, gather_full, init_megatron
+
+    hf = inputs["hf_dir"]
+    cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
+    lay = init_megatron(cfg, _trainer_cfg(**lay_sizes), rank=dist.get_rank(), world_size=2)
+    _, names, get = _hf_source(hf)
+    model = ParallelRingLinear(cfg, torch.float32)
+    model.load_local_state(
+        shard_state(
+            names, get, cfg, lay, ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank()
+        )
+    )
+    ids, tgt, w = inputs["ids"], inputs["targets"], inputs["loss_w"]
+    rows = torch.tensor_split(torch.arange(ids.shape[0]), lay.dp)[ps.get_data_parallel_rank()]
+    logp, ent = model.token_logprobs(ids[rows], tgt[rows])
+    loss = (logp * w[rows]).sum() + 0.01 * (ent * w[rows]).sum()
+    loss.backward()
+    params = [p for _, p in model.named_parameters()]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    groups = MegatronGroups(list(model.named_parameters()), grad_clip=None)
+    groups.all_reduce_tensors(grads)
+    named = {n: g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
+    full_grads = dict(gather_full(model, lay, named))
+    total = loss.detach().clone()
+    groups.all_reduce(total)
+    all_logp = [torch.empty(0)] * dist.get_world_size()
+    dist.all_gather_object(all_logp, (rows, logp.detach()))
+    if dist.get_rank() == 0:
+        torch.save(
+            {"loss": total, "logp": all_logp, "grads": full_grads, "grad_norm": groups.last_grad_norm},
+            out / f"module-{name}.pt",
+        )
+
+
+def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
+    """MegatronTrainer: export at step 0, one train_step, export, checkpoint save + load."""
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
+
+    hf = inputs["hf_dir"]
+    cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
+    tcfg = _trainer_cfg(**lay_sizes, **inputs["trainer_kw"])
+    init_megatron(cfg, tcfg, rank=dist.get_rank(), world_size=2)
+    trainer = MegatronTrainer(hf, None, tcfg, precision="fp32")
+    before, _ = trainer.export_weights()
+    logp0, _ = trainer.compute_logprobs(inputs["batch"])
+    metrics = trainer.train_step(inputs["batch"])
+    after, version = trainer.export_weights()
+    buckets = [sorted(b) for b in trainer.export_weight_buckets(max_bytes=200_000)]
+    ckpt = trainer.save_checkpoint(str(out / f"ckpt-{name}"), data_position={"next": 3})
+    logp1, _ = trainer.compute_logprobs(inputs["batch"])
+    trainer.train_step(inputs["batch"])  # move away, then come back through load_checkpoint
+    position = trainer.load_checkpoint(str(out / f"ckpt-{name}"))
+    restored, restored_version = trainer.export_weights()
+    logp_restored, _ = trainer.compute_logprobs(inputs["batch"])
+    if dist.get_rank() == 0:
+        torch.save(
+            {
+                "before": before, "after": after, "version": version, "metrics": metrics, "logp0": logp0,
+                "logp1": logp1, "logp_restored": logp_restored, "restored": restored,
+                "restored_version": restored_version, "position": position, "ckpt": str(ckpt),
+                "buckets": buckets,
+            },
+            out / f"trainer-{name}.pt",
+        )  # fmt: skip
+
+
+def _worker(rank: int, out: str, port: int) -> None:
+    cpu_shim()
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    out_dir = Path(out)
+    inputs = torch.load(out_dir / "inputs.pt", weights_only=False)
+    try:
+        for name, sizes in LAYOUTS.items():
+            _module_step(name, sizes, inputs, out_dir)
+            _trainer_step(name, sizes, inputs, out_dir)
+    except Exception:
+        (out_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    out_dir, port = sys.argv[1], int(sys.argv[2])
+    mp.spawn(_worker, args=(out_dir, port), nprocs=2, join=True)

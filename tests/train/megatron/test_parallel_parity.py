@@ -1,0 +1,66 @@
+"""Tensor and expert parallelism change where the maths runs, not its result: each layout of the two-process
+gloo runs against the single-process model and Trainer on the same weights and batch (fp32).
+
+Tolerances: a row-parallel GEMM sums its reduction in tp partial sums, and gradients of replicated tensors
+are summed over ranks in another order, so those differ from one process by fp32 round-off (≤ 1e-5 relative
+to the tensor's largest gradient here; the bound below leaves 10x). Under expert parallelism alone every
+per-token op is unsplit, so the forward is bitwise the single-process one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+LAYOUTS = ("tp2", "ep2", "tp2ep2")  # (tensor, expert, data) = (2, 1, 1), (1, 2, 2), (2, 2, 1)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference over the tensor's largest magnitude."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loss_and_logprobs_match_one_process(runs, reference, layout):
+    r = runs.module(layout)
+    logp = torch.full_like(reference.logp, float("nan"))
+    for rows, part in r["logp"]:
+        logp[rows] = part
+    assert torch.isfinite(logp).all(), "some rows were not computed by any data-parallel rank"
+    torch.testing.assert_close(r["loss"], reference.loss, rtol=1e-6, atol=0)
+    if layout == "ep2":
+        assert torch.equal(logp, reference.logp)
+    else:
+        torch.testing.assert_close(logp, reference.logp, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradients_match_one_process(runs, reference, layout):
+    grads = runs.module(layout)["grads"]
+    assert set(grads) == set(reference.grads)
+    for name, g in reference.grads.items():
+        assert rel_err(grads[name], g) < 1e-4, f"{layout}: gradient of {name} differs"
+    expected_norm = torch.sqrt(sum(g.double().square().sum() for g in reference.grads.values()))
+    assert runs.module(layout)["grad_norm"] == pytest.approx(float(expected_norm), rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_train_step_matches_torch_trainer(runs, reference, layout):
+    r = runs.trainer(layout)
+    torch.testing.assert_close(r["logp0"], reference.logp0, rtol=0, atol=1e-5)
+    for key in ("loss_tokens", "response_tokens", "tokens", "kept_samples"):
+        assert r["metrics"][key] == reference.metrics[key], key
+    assert r["metrics"]["grad_norm"] == pytest.approx(reference.metrics["grad_norm"], rel=1e-5)
+    assert r["metrics"]["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-6)
+    assert r["version"] == 1
+    moved = 0
+    for name, w in reference.after.items():
+        step, ref_step = r["after"][name] - reference.before[name], w - reference.before[name]
+        if not ref_step.any():  # an expert no token was routed to: no gradient, no step
+            assert not step.any(), name
+            continue
+        moved += 1
+        # 1e-4 of the step for the gradients' round-off, plus 2 fp32 ulps of a weight near 1 (the norms)
+        tol = 1e-4 * float(ref_step.abs().max()) + 2.5e-7
+        torch.testing.assert_close(step, ref_step, rtol=0, atol=tol, msg=f"{layout}: update of {name}")
+    assert moved > len(reference.after) // 2

@@ -1,0 +1,63 @@
+"""Weights leave the Megatron backend exactly: export in HF names (whole or in bounded buckets), sharded
+checkpoints that resume bitwise and convert to HF, and a refusal to resume under other parallel sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlplat.models import load_pretrained
+from rlplat.train.megatron.convert import megatron_to_hf
+from rlplat.train.megatron.layout import ParallelLayout, check_checkpoint_layout
+
+LAYOUTS = ("tp2", "ep2", "tp2ep2")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_is_the_hf_weights_exactly(runs, reference, layout):
+    before = runs.trainer(layout)["before"]
+    assert set(before) == set(reference.before)
+    for name, w in reference.before.items():
+        assert before[name].dtype == w.dtype and torch.equal(before[name], w), name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_export_buckets_are_bounded_and_complete(runs, reference, layout):
+    buckets = runs.trainer(layout)["buckets"]  # names per bucket, exported with max_bytes=200_000
+    names = [n for b in buckets for n in b]
+    assert sorted(names) == sorted(reference.after) and len(names) == len(set(names))
+    nbytes = {n: t.numel() * t.element_size() for n, t in reference.after.items()}
+    assert len(buckets) > 1
+    for b in buckets:
+        assert len(b) == 1 or sum(nbytes[n] for n in b) <= 200_000
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_resumes_bitwise(runs, layout):
+    r = runs.trainer(layout)
+    assert r["position"] == {"next": 3} and r["restored_version"] == 1
+    for name, w in r["after"].items():
+        assert torch.equal(r["restored"][name], w), name
+    assert torch.equal(r["logp_restored"], r["logp1"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_checkpoint_converts_to_hf(runs, layout, tmp_path):
+    ckpt = Path(runs.trainer(layout)["ckpt"])
+    model = load_pretrained(megatron_to_hf(ckpt, tmp_path / "hf"))
+    after = runs.trainer(layout)["after"]
+    state = model.state_dict()
+    assert set(state) == set(after)
+    for name, w in after.items():
+        assert torch.equal(state[name], w), name
+
+
+def test_checkpoint_under_other_sizes_is_refused(runs):
+    ckpt = Path(runs.trainer("tp2")["ckpt"])
+    check_checkpoint_layout(ckpt, ParallelLayout(tp=2, ep=1, dp=1))
+    with pytest.raises(ValueError, match=r"saved with tensor_parallel_size=2.*this run uses 1.*convert"):
+        check_checkpoint_layout(ckpt, ParallelLayout(tp=1, ep=1, dp=2))
+    with pytest.raises(ValueError, match="expert_parallel_size=1"):
+        check_checkpoint_layout(ckpt, ParallelLayout(tp=2, ep=2, dp=1))
