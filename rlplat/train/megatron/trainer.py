@@ -15,7 +15,8 @@ the object the Trainer calls its data-parallel group:
   (partial per tensor-parallel rank, see ``model.py``) over tensor- then data-parallel groups, routed experts
   over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
   counted once each, replicated tensors once, experts once per expert-parallel group) and clipping by it,
-  so the Trainer's own per-rank clip that follows is a no-op (its norm is ≤ the global one).
+  so the Trainer's own per-rank clip that follows is a no-op (its norm is ≤ the global one). Without
+  tensor or expert parallelism the Trainer's own norm is already global and is left to it.
 
 Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron's distributed optimizer,
 which shards them over data-parallel ranks, is not used); pipeline parallelism is not implemented; the
@@ -105,6 +106,8 @@ class MegatronGroups:
         self.ep_group = ps.get_expert_model_parallel_group()
         self.edp_group = ps.get_expert_data_parallel_group()
         tp_rank = ps.get_tensor_model_parallel_rank()
+        # with tp = ep = 1 every rank holds every tensor, so the Trainer's own norm and clip are global
+        self.model_parallel = self.tp_group.size() > 1 or self.ep_group.size() > 1
         self.grad_clip = grad_clip
         self.expert = [".mlp.experts." in n for n, _ in named_params]
         self.partial_tp = [bool(getattr(p, "sequence_parallel", False)) for _, p in named_params]
@@ -114,7 +117,7 @@ class MegatronGroups:
             not e and (is_tensor_parallel(n) or tp_rank == 0)
             for (n, _), e in zip(named_params, self.expert, strict=True)
         ]
-        self.last_grad_norm = 0.0
+        self.last_grad_norm: float | None = None
 
     @property
     def enabled(self) -> bool:
@@ -143,6 +146,8 @@ class MegatronGroups:
                 dist.all_reduce(g, group=self.tp_group)
             if self.enabled:
                 dist.all_reduce(g, group=self.dp_group)
+        if not self.model_parallel:
+            return
         sq = torch.zeros(2, dtype=torch.float64)
         for g, expert, dense in zip(tensors, self.expert, self.in_dense_norm, strict=True):
             if expert or dense:
@@ -242,7 +247,7 @@ class MegatronTrainer(Trainer):
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         out = super().train_step(batch)
-        if "grad_norm" in out:
+        if "grad_norm" in out and self.groups.last_grad_norm is not None:
             out["grad_norm"] = self.groups.last_grad_norm  # the global norm, before clipping
         return out
 

@@ -66,9 +66,14 @@ class Runs:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> Runs:
+def hf_tiny(tmp_path_factory) -> Path:
+    return tiny_hf(tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory, hf_tiny) -> Runs:
     out = tmp_path_factory.mktemp("megatron_runs")
-    hf_dir = tiny_hf(out / "hf")
+    hf_dir = hf_tiny
     batch, ids, targets, loss_w = tiny_batch()
     inputs = dict(hf_dir=str(hf_dir), ids=ids, targets=targets, loss_w=loss_w, batch=batch, trainer_kw=OPT)
     torch.save(inputs, out / "inputs.pt")
@@ -110,3 +115,8 @@ def reference(runs) -> Reference:
     metrics = trainer.train_step(batch)
     after, _ = trainer.export_weights()
     return Reference(logp.detach(), loss.detach(), grads, before, after, metrics, logp0)
+
+
+def pytest_configure(config):
+    # megatron-core announces its fallbacks at import on every machine without TE/Apex (all CPU ones)
+    config.addinivalue_line("filterwarnings", "ignore:Transformer Engine and Apex are not installed")
