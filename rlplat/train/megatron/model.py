@@ -84,6 +84,7 @@ class ParallelLinears:
 
     def __init__(self, cfg: RingLinearConfig, dtype: torch.dtype, te_fp8: bool):
         self.te_fp8 = te_fp8
+        self.tp_group = ps.get_tensor_model_parallel_group()  # passed explicitly: newer Megatron requires it
         tp = ps.get_tensor_model_parallel_world_size()
         if te_fp8:
             from megatron.core.transformer.transformer_config import TransformerConfig
@@ -113,9 +114,11 @@ class ParallelLinears:
 
             return TEColumnParallelLinear(
                 n_in, n_out, config=self.config, init_method=_no_init, gather_output=False, bias=False,
-                skip_bias_add=False, is_expert=False,
+                skip_bias_add=False, is_expert=False, tp_group=self.tp_group,
             )  # fmt: skip
-        return ColumnLinear(n_in, n_out, config=self.config, init_method=_no_init, bias=False)
+        return ColumnLinear(
+            n_in, n_out, config=self.config, init_method=_no_init, bias=False, tp_group=self.tp_group
+        )
 
     def row(self, n_in: int, n_out: int) -> nn.Module:
         if self.te_fp8:
@@ -123,11 +126,11 @@ class ParallelLinears:
 
             return TERowParallelLinear(
                 n_in, n_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
-                skip_bias_add=False, is_expert=False,
+                skip_bias_add=False, is_expert=False, tp_group=self.tp_group,
             )  # fmt: skip
         return RowLinear(
             n_in, n_out, config=self.config, init_method=_no_init, bias=False, input_is_parallel=True,
-            skip_bias_add=False,
+            skip_bias_add=False, tp_group=self.tp_group,
         )  # fmt: skip
 
 
@@ -319,7 +322,7 @@ class _Model(nn.Module):
     def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=lin.config
+            cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=lin.config, tp_group=lin.tp_group
         )
         self.layers = nn.ModuleList(ParallelDecoderLayer(cfg, i, lin) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -334,6 +337,7 @@ class ParallelRingLinear(nn.Module):
     def __init__(self, cfg: RingLinearConfig, dtype: torch.dtype = torch.float32, fp8: str | None = None):
         super().__init__()
         self.config = cfg
+        self._init_args = (dtype, fp8)
         lin = ParallelLinears(cfg, dtype, te_fp8=fp8 == "te_blockwise")
         self.te_config = lin.config if lin.te_fp8 else None
         self.model = _Model(cfg, lin)
@@ -346,12 +350,19 @@ class ParallelRingLinear(nn.Module):
                     tensor_model_parallel_size=lin.config.tensor_model_parallel_size, params_dtype=dtype,
                     use_cpu_initialization=True, perform_initialization=False,
                 ),
-                init_method=_no_init, bias=False,
+                init_method=_no_init, bias=False, tp_group=lin.tp_group,
             )  # fmt: skip
         # parameters only: buffers (RoPE tables, decays, expert_bias) stay fp32, as rlplat.models.precision
         for p in self.parameters():
             p.data = p.data.to(dtype)
         self.set_fp8(fp8 == "kernels")
+
+    def __deepcopy__(self, memo) -> ParallelRingLinear:
+        """A twin on the same ranks holding copies of this rank's tensors (the Trainer's KL reference):
+        Megatron's layers keep their process groups, which cannot be copied, so the twin is built anew."""
+        twin = ParallelRingLinear(self.config, *self._init_args).to(self.lm_head.weight.device)
+        twin.load_local_state(self.local_state())
+        return twin.train(self.training)
 
     def set_fp8(self, enabled: bool) -> None:
         """rlplat's blockwise FP8 on every projection except the router and the LM head (as the rollout)."""

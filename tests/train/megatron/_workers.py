@@ -22,6 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _shim import cpu_shim
 
 LAYOUTS = {"tp2": dict(tp=2, ep=1, dp=1), "ep2": dict(tp=1, ep=2, dp=2), "tp2ep2": dict(tp=2, ep=2, dp=1)}
+# EP=2 with 9 rows in micro-batches of 2 (ranks get 5 and 4 rows: 3 and 2 micro-batches, so the trainer must
+# even them out for the all-to-alls) and a KL term (the reference model is a copy of the parallel model)
+UNEVEN = dict(tp=1, ep=2, dp=2)
 
 
 def _trainer_cfg(tp: int, ep: int, dp: int, **kw):
@@ -76,6 +79,22 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
         )
 
 
+def _uneven_step(inputs: dict, out: Path) -> None:
+    from rlplat.algos.config import AlgoConfig
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
+
+    hf = inputs["hf_dir"]
+    cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
+    tcfg = _trainer_cfg(**UNEVEN, **inputs["uneven_trainer_kw"])
+    init_megatron(cfg, tcfg, rank=dist.get_rank(), world_size=2)
+    trainer = MegatronTrainer(hf, AlgoConfig.model_validate(inputs["uneven_algo"]), tcfg, precision="fp32")
+    metrics = trainer.train_step(inputs["uneven_batch"])
+    after, _ = trainer.export_weights()
+    if dist.get_rank() == 0:
+        torch.save({"metrics": metrics, "after": after}, out / "trainer-uneven.pt")
+
+
 def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     """MegatronTrainer: export at step 0, one train_step, export, checkpoint save + load."""
     from rlplat.models.config import RingLinearConfig
@@ -120,6 +139,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         for name, sizes in LAYOUTS.items():
             _module_step(name, sizes, inputs, out_dir)
             _trainer_step(name, sizes, inputs, out_dir)
+        _uneven_step(inputs, out_dir)
     except Exception:
         (out_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
         raise

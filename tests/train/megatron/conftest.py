@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlplat.algos.config import AlgoConfig
 from rlplat.models import RingLinearForCausalLM, load_pretrained, preset, save_pretrained
 from rlplat.train import TrainBatch, Trainer, TrainerConfig
 from rlplat.train.dist import free_port
@@ -52,6 +53,24 @@ def tiny_batch() -> tuple[TrainBatch, torch.Tensor, torch.Tensor, torch.Tensor]:
     return batch, ids, torch.roll(ids, -1, 1), torch.randn(B, T, generator=g)
 
 
+def uneven_batch() -> TrainBatch:
+    """9 rows in groups of 3: two data-parallel ranks get 5 and 4 rows."""
+    B, T = 9, 10
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, 512, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        mask[b, 2 : 4 + b % 5] = True
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    return TrainBatch(
+        ids, mask, torch.where(mask, -torch.rand(B, T, generator=g), 0.0), group_size=3, rewards_B=rewards
+    )
+
+
+UNEVEN_TRAINER = {**OPT, "micro_batch_size": 2}
+UNEVEN_ALGO = {"kl": {"mode": "loss", "coef": 0.1}}
+
+
 @dataclass
 class Runs:
     out: Path
@@ -75,7 +94,10 @@ def runs(tmp_path_factory, hf_tiny) -> Runs:
     out = tmp_path_factory.mktemp("megatron_runs")
     hf_dir = hf_tiny
     batch, ids, targets, loss_w = tiny_batch()
-    inputs = dict(hf_dir=str(hf_dir), ids=ids, targets=targets, loss_w=loss_w, batch=batch, trainer_kw=OPT)
+    inputs = dict(
+        hf_dir=str(hf_dir), ids=ids, targets=targets, loss_w=loss_w, batch=batch, trainer_kw=OPT,
+        uneven_batch=uneven_batch(), uneven_trainer_kw=UNEVEN_TRAINER, uneven_algo=UNEVEN_ALGO,
+    )  # fmt: skip
     torch.save(inputs, out / "inputs.pt")
     proc = subprocess.run(
         [sys.executable, str(HERE / "_workers.py"), str(out), str(free_port())],
@@ -97,6 +119,8 @@ class Reference:
     after: dict[str, torch.Tensor]
     metrics: dict[str, float]
     logp0: torch.Tensor
+    uneven_metrics: dict[str, float]
+    uneven_after: dict[str, torch.Tensor]
 
 
 @pytest.fixture(scope="session")
@@ -114,9 +138,21 @@ def reference(runs) -> Reference:
     logp0, _ = trainer.compute_logprobs(batch)
     metrics = trainer.train_step(batch)
     after, _ = trainer.export_weights()
-    return Reference(logp.detach(), loss.detach(), grads, before, after, metrics, logp0)
+    uneven = Trainer(
+        load_pretrained(runs.hf_dir), AlgoConfig.model_validate(UNEVEN_ALGO), TrainerConfig(**UNEVEN_TRAINER)
+    )
+    uneven_metrics = uneven.train_step(uneven_batch())
+    uneven_after, _ = uneven.export_weights()
+    return Reference(
+        logp.detach(), loss.detach(), grads, before, after, metrics, logp0, uneven_metrics, uneven_after
+    )
 
 
 def pytest_configure(config):
     # megatron-core announces its fallbacks at import on every machine without TE/Apex (all CPU ones)
     config.addinivalue_line("filterwarnings", "ignore:Transformer Engine and Apex are not installed")
+    # and its import-time deprecations (its own modules, and torch.jit.script_method in its fused kernels)
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:megatron.*")
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
