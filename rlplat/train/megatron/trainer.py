@@ -46,6 +46,7 @@ from rlplat.models import RingLinearForCausalLM, precision_of
 from rlplat.models.checkpoint import INDEX_FILE, SINGLE_FILE
 from rlplat.models.config import RingLinearConfig
 from rlplat.train.batch import TrainBatch
+from rlplat.train.checkpoint import LATEST, META_FILE, TRAINER_FILE  # the names the torch backend uses
 from rlplat.train.config import TrainerConfig
 from rlplat.train.megatron.layout import (
     LAYOUT_FILE,
@@ -60,9 +61,6 @@ from rlplat.train.megatron.layout import (
 )
 from rlplat.train.megatron.model import ParallelRingLinear
 from rlplat.train.trainer import Trainer
-
-LATEST = "latest"
-META_FILE = "meta.json"
 
 
 def init_megatron(
@@ -313,6 +311,15 @@ class MegatronTrainer(Trainer):
             (tmp / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2) + "\n")
             meta = {"step": self.step, "version": self._version, "data_position": data_position}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            # The job-level file that rlplat.train.checkpoint.latest_checkpoint (run resume, trainer restarts)
+            # looks for; the torch backend refuses it (param_names), the state itself is in the shard files.
+            job = {
+                "backend": "megatron",
+                "step": self.step,
+                "version": self._version,
+                "precision": self.precision,
+            }
+            torch.save({**job, "param_names": None, "optimizer": "in trainer-tp*-ep*.pt"}, tmp / TRAINER_FILE)
         dist.barrier()
         if self._writes_shard():
             tag = f"tp{self.tp_rank}-ep{self.ep_rank}"

@@ -61,3 +61,12 @@ def test_checkpoint_under_other_sizes_is_refused(runs):
         check_checkpoint_layout(ckpt, ParallelLayout(tp=1, ep=1, dp=2))
     with pytest.raises(ValueError, match="expert_parallel_size=1"):
         check_checkpoint_layout(ckpt, ParallelLayout(tp=2, ep=2, dp=1))
+
+
+def test_checkpoint_is_found_by_resume_and_refused_by_the_torch_backend(runs):
+    from rlplat.train import Trainer, latest_checkpoint
+
+    ckpt = Path(runs.trainer("ep2")["ckpt"])
+    assert latest_checkpoint(ckpt.parent) == ckpt  # what `rlplat run --resume` and trainer restarts use
+    with pytest.raises(ValueError, match="do not match this model"):
+        Trainer(load_pretrained(runs.hf_dir)).load_checkpoint(str(ckpt))
