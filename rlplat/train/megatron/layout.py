@@ -125,6 +125,8 @@ def check_layout(
             "trainer.expert_bias_update_rate > 0 is not supported by backend megatron yet; set it to 0 "
             "(the RL default) or use backend torch"
         )
+    if precision == "fp8" and trainer_cfg.megatron.fp8_recipe == "kernels" and tp > 1:
+        _check_fp8_blocks(model_cfg, tp)
     if trainer_cfg.megatron.fp8_recipe == "te_blockwise":
         if precision != "fp8":
             raise ValueError(
@@ -133,6 +135,26 @@ def check_layout(
         if hardware:
             check_te_fp8(cuda_available)
     return lay
+
+
+def _check_fp8_blocks(cfg: RingLinearConfig, tp: int, block: int = 128) -> None:
+    """rlplat's FP8 GEMM scales 1×128 activation tiles along K and 128×128 weight blocks: a tensor-parallel
+    shard boundary inside a tile or block would give shards scales the unsplit (rollout) GEMM never uses."""
+    H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    pieces = {
+        "num_attention_heads × head_dim / tp (attention output, q/k/v shards)": H * D // tp,
+        "num_key_value_heads × head_dim / tp (softmax-attention k/v shards)": G * D // tp,
+        "intermediate_size / tp": cfg.intermediate_size // tp,
+    }
+    if cfg.num_shared_experts > 0:
+        pieces["shared_expert_intermediate_size / tp"] = cfg.shared_expert_intermediate_size // tp
+    for what, size in pieces.items():
+        if size % block:
+            raise ValueError(
+                f"FP8 with tensor_parallel_size={tp}: {what} = {size} is not a multiple of {block}, so shards "
+                "would scale other FP8 blocks than the rollout's GEMM; choose a smaller tensor_parallel_size, "
+                "model.precision bf16, or trainer.megatron.fp8_recipe: te_blockwise"
+            )
 
 
 def check_run(cfg) -> ParallelLayout:

@@ -105,6 +105,16 @@ def test_te_fp8_needs_fp8_precision_and_a_gpu():
     check_layout(preset("tiny"), cfg, precision="fp8", hardware=False)  # a launch config checked elsewhere
 
 
+def test_fp8_shards_must_not_split_fp8_blocks():
+    with pytest.raises(
+        ValueError, match=r"FP8 with tensor_parallel_size=2: num_attention_heads × head_dim / tp"
+    ):
+        check_layout(preset("tiny"), _cfg(tp=2), precision="fp8")  # 4 heads × 32 / 2 = 64
+    check_layout(preset("tiny"), _cfg(tp=2), precision="bf16")
+    for name, tp in (("ring-mini-linear-2.0", 2), ("ring-flash-linear-2.0", 4)):
+        check_layout(preset(name), _cfg(tp=tp, dp=8 // tp), precision="fp8")
+
+
 def test_expert_bias_update_is_refused():
     cfg = _cfg().model_copy(update={"expert_bias_update_rate": 1e-3})
     with pytest.raises(ValueError, match="expert_bias_update_rate > 0 is not supported by backend megatron"):
