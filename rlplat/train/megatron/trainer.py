@@ -22,7 +22,9 @@ Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron
 which shards them over data-parallel ranks, is not used); pipeline parallelism is not implemented; the
 aux-loss-free expert-bias update is refused (``layout.check_layout``). Under expert parallelism every rank
 must run the same number of forwards (the all-to-alls pair them up), so micro-batches are split until all
-ranks have as many as the busiest one.
+ranks have as many as the busiest one. Known gap: under expert parallelism a NaN log-prob on one rank makes
+that rank skip its backward (the Trainer's refusal path) while the others run theirs, so the all-to-alls no
+longer pair up and the step hangs until the process-group timeout instead of raising ``NonFiniteError``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,9 @@ def init_megatron(
     lay = check_layout(model_cfg, trainer_cfg, precision=precision, world_size=world_size)
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        # one GPU per rank: torchrun's LOCAL_RANK, else the rank's place on its node
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise ValueError("the Megatron backend needs MASTER_ADDR and MASTER_PORT in the environment")
@@ -146,10 +151,10 @@ class MegatronGroups:
                 dist.all_reduce(g, group=self.dp_group)
         if not self.model_parallel:
             return
-        sq = torch.zeros(2, dtype=torch.float64)
+        sq = torch.zeros(2, dtype=torch.float64, device=tensors[0].device)  # nccl reduces device tensors only
         for g, expert, dense in zip(tensors, self.expert, self.in_dense_norm, strict=True):
             if expert or dense:
-                sq[int(expert)] += g.detach().double().square().sum().cpu()
+                sq[int(expert)] += g.detach().double().square().sum()
         dense_sq, expert_sq = sq[:1].clone(), sq[1:].clone()
         dist.all_reduce(dense_sq, group=self.tp_group)
         dist.all_reduce(expert_sq, group=self.ep_group)
@@ -253,7 +258,7 @@ class MegatronTrainer(Trainer):
         micro = super()._micro_batches(batch, local)
         if self.layout.ep == 1:
             return micro
-        stats = torch.tensor([len(micro), -len(local)])
+        stats = torch.tensor([len(micro), -len(local)], device=self.device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         target, fewest_rows = int(stats[0]), -int(stats[1])
         if fewest_rows < target:
