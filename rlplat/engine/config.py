@@ -9,6 +9,7 @@ temperature is 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,6 +70,23 @@ class SamplingParams(_Section):
     def logprob_temperature(self) -> float:
         """The temperature of the reported log-probs (and of the trainer's recomputation)."""
         return self.temperature if self.temperature > 0 else 1.0
+
+
+def per_prompt(
+    sampling: SamplingParams | dict | Sequence[SamplingParams | dict] | None,
+    count: int,
+    default: SamplingParams,
+) -> list[SamplingParams | dict]:
+    """``generate``'s sampling argument as one parameter set per prompt: None (the defaults), one set (a
+    ``SamplingParams`` or its dict) for every prompt, or a sequence of one per prompt."""
+    if sampling is None or isinstance(sampling, SamplingParams | dict):
+        return [sampling or default] * count
+    params = list(sampling)
+    if len(params) != count:
+        raise ValueError(
+            f"{len(params)} sampling parameter sets for {count} prompts; give one, or one per prompt"
+        )
+    return params
 
 
 class AlignmentConfig(_Section):

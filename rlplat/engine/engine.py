@@ -32,7 +32,7 @@ import torch
 from kernels.lm_head import lm_head_logits, lm_head_logprobs
 from rlplat.data.tokenizers import TextTokenizer
 from rlplat.engine.backend import FinishReason, Sample
-from rlplat.engine.config import SamplingParams
+from rlplat.engine.config import SamplingParams, per_prompt
 from rlplat.models import ModelCache, RingLinearForCausalLM, precision_of
 
 
@@ -388,15 +388,8 @@ class NativeEngine:
         self._running, self._waiting, self._cache = [], deque(), None
 
     # --- validation -----------------------------------------------------------------------------------------
-    def _per_prompt(self, sampling, count: int) -> list[SamplingParams]:
-        if sampling is None or isinstance(sampling, SamplingParams | dict):
-            return [sampling or self.default_sampling] * count
-        params = list(sampling)
-        if len(params) != count:
-            raise ValueError(
-                f"{len(params)} sampling parameter sets for {count} prompts; give one or one per prompt"
-            )
-        return params
+    def _per_prompt(self, sampling, count: int) -> list[SamplingParams | dict]:
+        return per_prompt(sampling, count, self.default_sampling)
 
     def _check_sampling(self, sampling: SamplingParams | dict) -> SamplingParams:
         if isinstance(sampling, dict):

@@ -25,6 +25,7 @@ covering the whole vocabulary, because vLLM loads models from disk.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlplat.engine.backend import FinishReason, Sample
-from rlplat.engine.config import SamplingParams, VLLMSettings
+from rlplat.engine.config import SamplingParams, VLLMSettings, per_prompt
 
 if TYPE_CHECKING:
     from rlplat.config import ExperimentConfig
@@ -143,11 +144,19 @@ class VLLMBackend:
             if policy is None:  # fp32 on disk; vLLM converts to the precision as build_policy does
                 policy = build_policy(cfg.model.model_copy(update={"precision": "fp32"}))
             model_dir = save_policy_dir(policy, Path(tmp.name))
+        tokenizer_dir = rollout.tokenizer
+        if tmp is not None and tokenizer_dir is not None:
+            # vLLM reads a model config from a separate tokenizer directory too (and retries, seconds each,
+            # when there is none): the tokenizer's files go beside the temporary checkpoint instead.
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file() and f.name != "config.json" and not f.name.endswith(".safetensors"):
+                    shutil.copy2(f, Path(model_dir) / f.name)
+            tokenizer_dir = None
         kernels_cfg = getattr(cfg, "kernels", None)
         backend = cls(
             model_dir,
             precision=cfg.model.precision,
-            tokenizer_dir=rollout.tokenizer,
+            tokenizer_dir=tokenizer_dir,
             max_batch_size=rollout.max_batch_size,
             default_sampling=rollout.sampling,
             settings=rollout.vllm,
@@ -245,17 +254,8 @@ class VLLMBackend:
             self._tmp = None
 
     # --- helpers --------------------------------------------------------------------------------------------
-    def _per_prompt(self, sampling, count: int) -> list[SamplingParams]:
-        if sampling is None:
-            return [self.default_sampling] * count
-        if isinstance(sampling, SamplingParams):
-            return [sampling] * count
-        params = list(sampling)
-        if len(params) != count:
-            raise ValueError(
-                f"{len(params)} sampling params for {count} prompts; give one, or one per prompt"
-            )
-        return params
+    def _per_prompt(self, sampling, count: int) -> list[SamplingParams | dict]:
+        return per_prompt(sampling, count, self.default_sampling)
 
     def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
