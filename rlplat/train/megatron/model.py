@@ -13,6 +13,10 @@ What is Megatron's and what is ours:
   LM-head log-probs, and the local GEMM of each parallel linear (``_forward_impl`` is overridden). A
   column-parallel GEMM splits output columns only, so it is bitwise the unsplit one; a row-parallel GEMM
   splits the reduction and differs from tensor_parallel_size 1 by round-off.
+- FP8 (``model.precision: fp8``): ``fp8_recipe: kernels`` runs rlplat's blockwise FP8 GEMM everywhere the
+  rollout does; ``te_blockwise`` swaps the tensor-parallel projections for Transformer Engine's layers under
+  its Float8BlockScaling recipe (same tiling, E4M3, fp32 scales; TE's own kernels, so only close to the
+  rollout's), while routed experts keep rlplat's kernel and the router and LM head stay fp32.
 - Not Megatron's ``MoEAlltoAllTokenDispatcher``: it creates a ``torch.cuda.Stream`` at construction and
   synchronises device-to-host copies on it, and it combines the k expert outputs by ``scatter_add``. The
   dispatch here uses the same collective (``mappings.all_to_all``) and combines the k slots in the fixed
@@ -355,7 +359,9 @@ class ParallelRingLinear(nn.Module):
         # parameters only: buffers (RoPE tables, decays, expert_bias) stay fp32, as rlplat.models.precision
         for p in self.parameters():
             p.data = p.data.to(dtype)
-        self.set_fp8(fp8 == "kernels")
+        # rlplat's FP8 on our GEMMs in both recipes: with te_blockwise the tensor-parallel projections are TE
+        # layers (untouched here) and the routed experts keep the rollout's FP8 kernel
+        self.set_fp8(fp8 is not None)
 
     def __deepcopy__(self, memo) -> ParallelRingLinear:
         """A twin on the same ranks holding copies of this rank's tensors (the Trainer's KL reference):
