@@ -66,6 +66,8 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
         (["data.source=jsonl", "data.path=/nonexistent.jsonl"], "does not exist"),
         (["rewards.terms=[{name: no_such_reward}]"], "no_such_reward"),
         (["workers.trainer.num_cpus=4"], "the Ray cluster has"),
+        (["run.mode=async", "redis.url=redis://127.0.0.1:9/0"], "cannot reach Redis at"),
+        (["run.mode=sync", "run.max_stalenes=2"], "did you mean 'max_staleness'"),
     ],
 )
 def test_bad_input_fails_before_anything_starts(local_ray, tmp_path, capsys, overrides, message):
