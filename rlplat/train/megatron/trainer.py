@@ -371,19 +371,43 @@ class MegatronTrainer(Trainer):
         return coords.index((self.tp_rank, self.ep_rank)) == dist.get_rank()
 
 
-def single_rank_trainer(cfg) -> MegatronTrainer:
-    """The Megatron trainer of one trainer actor (an ``ExperimentConfig``): a one-process group, so the whole
-    model on one device. ``layout.check_run`` refuses larger layouts before this runs."""
+def rank_trainer(
+    cfg, rank: int = 0, master_addr: str | None = None, master_port: int | None = None
+) -> MegatronTrainer:
+    """This rank's Megatron trainer for an ``ExperimentConfig``: ``layout.world`` processes (tensor × pipeline
+    × data) call it with their rank and rank 0's address; each builds the policy from the same seed or
+    checkpoint and keeps its shard. Every rank must then receive every call (train_step, compute_logprobs,
+    export, checkpoints) with the same arguments: they are collectives."""
     from rlplat.engine.policy import build_policy
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.models.presets import preset
+    from rlplat.train.megatron.layout import layout_of
+
+    world = layout_of(cfg.trainer).world
+    model_cfg = (
+        RingLinearConfig.from_json(Path(cfg.model.path) / "config.json")
+        if cfg.model.path is not None
+        else preset(cfg.model.preset, **cfg.model.overrides)
+    )
+    check_layout(model_cfg, cfg.trainer, precision=cfg.model.precision, world_size=world)
+    if master_addr is not None:
+        os.environ["MASTER_ADDR"] = master_addr
+    if master_port is not None:
+        os.environ["MASTER_PORT"] = str(master_port)
+    init_megatron(
+        model_cfg, cfg.trainer, rank=rank, world_size=world, precision=cfg.model.precision,
+        backend=cfg.trainer.dist_backend,
+    )  # fmt: skip
+    return MegatronTrainer(build_policy(cfg.model), cfg.algo, cfg.trainer, precision=cfg.model.precision)
+
+
+def single_rank_trainer(cfg) -> MegatronTrainer:
+    """The Megatron trainer of ``rlplat run``'s one trainer actor: a one-process group, the whole model on one
+    device. ``layout.check_run`` refuses larger layouts before any process group starts."""
     from rlplat.train.dist import free_port
     from rlplat.train.megatron.layout import check_run
 
     check_run(cfg)
-    policy = build_policy(cfg.model)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    init_megatron(
-        policy.config, cfg.trainer, rank=0, world_size=1, precision=cfg.model.precision,
-        backend=cfg.trainer.dist_backend,
-    )  # fmt: skip
-    return MegatronTrainer(policy, cfg.algo, cfg.trainer, precision=cfg.model.precision)
+    return rank_trainer(cfg)

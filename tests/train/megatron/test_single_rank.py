@@ -1,6 +1,6 @@
 """One rank (what ``rlplat run`` starts in its trainer actor): the Megatron model's forward is bitwise the torch
-model's — the rollout's — in fp32, bf16 and FP8, and the step matches the torch backend's. Larger layouts are
-refused with the way to run them."""
+model's — the rollout's — in fp32, bf16 and FP8, and the step matches the torch backend's. ``check_run`` refuses
+larger layouts for one actor, with the way to run them."""
 
 from __future__ import annotations
 
@@ -65,7 +65,17 @@ def test_forward_is_bitwise_the_torch_models(one_rank, precision):
         assert weights[name].dtype == w.dtype
 
 
-def test_multi_rank_layout_is_refused_in_the_actor(one_rank):
-    with pytest.raises(ValueError, match=r"needs one trainer actor per rank.*torchrun"):
-        TrainerWorker(_config("fp32", dp_world_size=2, megatron={"tensor_parallel_size": 2}))
+def test_one_actor_run_refuses_a_multi_rank_layout():
+    from rlplat.train.megatron.layout import check_run
+
+    cfg = ExperimentConfig.model_validate(
+        {
+            "trainer": {"backend": "megatron", "dp_world_size": 2, "megatron": {"tensor_parallel_size": 2}},
+            "workers": {"trainer": {"num": 4}},
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"4 ranks \(tensor 2 × pipeline 1 × data 2\) needs one trainer actor"
+    ):
+        check_run(cfg)
     assert not dist.is_initialized()
