@@ -1,4 +1,4 @@
-"""Trainer worker: one Ray actor per data-parallel rank, wrapping ``rlplat.train.Trainer``."""
+"""Trainer worker: one Ray actor per trainer rank, wrapping ``rlplat.train.Trainer`` (or the Megatron trainer)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ import torch
 class TrainerWorker:
     """Owns the policy's trainable copy: RL steps, the warm start, weight export, checkpoints."""
 
-    def __init__(self, config: dict[str, Any], num_threads: int = 1):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        num_threads: int = 1,
+        rank: int = 0,
+        master_addr: str | None = None,
+        master_port: int | None = None,
+    ):
         import kernels
         from rlplat.config import ExperimentConfig
         from rlplat.engine.policy import build_policy
+        from rlplat.train.dist import init_data_parallel
         from rlplat.train.trainer import Trainer
 
         torch.set_num_threads(max(1, num_threads))
@@ -24,8 +32,12 @@ class TrainerWorker:
 
             self.trainer = single_rank_trainer(cfg)  # refuses layouts of more than one rank
             return
+        # Ranks of one data-parallel group meet at rank 0's address; every rank returns the same results.
+        dp = init_data_parallel(
+            rank, cfg.trainer.dp_world_size, cfg.trainer.dist_backend, master_addr, master_port
+        )
         # build_policy is what the rollout workers call too: same seed, same weights, same precision.
-        self.trainer = Trainer(build_policy(cfg.model), cfg.algo, cfg.trainer)
+        self.trainer = Trainer(build_policy(cfg.model), cfg.algo, cfg.trainer, dp=dp)
 
     def train_step(self, batch) -> dict[str, float]:
         return self.trainer.train_step(batch)

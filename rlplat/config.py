@@ -126,6 +126,21 @@ class ExperimentConfig(Section):
     )
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Experience stream for async mode.")
 
+    @model_validator(mode="after")
+    def _trainer_ranks(self) -> ExperimentConfig:
+        t = self.trainer
+        ranks, how = t.dp_world_size, f"trainer.dp_world_size={t.dp_world_size}"
+        if t.backend == "megatron":
+            m = t.megatron
+            ranks *= m.tensor_parallel_size * m.pipeline_parallel_size
+            how = f"tensor {m.tensor_parallel_size} × pipeline {m.pipeline_parallel_size} × data {t.dp_world_size}"
+        if self.workers.trainer.num != ranks:
+            raise ValueError(
+                f"workers.trainer.num={self.workers.trainer.num} but the trainer has {ranks} rank(s) ({how}); "
+                f"set workers.trainer.num={ranks} (one trainer actor per rank)"
+            )
+        return self
+
 
 # --- loading ------------------------------------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.reward import RewardWorker
 from actors.rollout import RolloutWorker
@@ -89,6 +91,51 @@ class Pool:
         self.on_restart(self.actors[index])
 
 
+@ray.remote(num_cpus=0)
+def _rendezvous() -> tuple[str, int]:
+    """Rank 0's address for torch.distributed, found on the node where rank 0 will run."""
+    from rlplat.train.dist import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
+
+
+class TrainerGroup:
+    """The trainer's ranks, one actor each, gang-placed in a placement group (PACK: one node when they fit).
+    Every call goes to every rank (they run the step's collectives together); rank 0 answers, since all ranks
+    return the same results and rank 0 alone writes checkpoints."""
+
+    def __init__(self, make: Callable[[int, str | None, int | None, Any], Any], size: int, resources: dict):
+        self.pg, placements, addr, port = None, [None], None, None
+        if size > 1:
+            bundle = {
+                k: v for k, v in {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}.items() if v
+            }
+            self.pg = placement_group([bundle] * size, strategy="PACK")
+            try:
+                ray.get(self.pg.ready(), timeout=300)
+            except ray.exceptions.GetTimeoutError as err:
+                raise RuntimeError(
+                    f"Ray could not place {size} trainer ranks of {bundle} in 300 s; lower workers.trainer.*"
+                ) from err
+            placements = [PlacementGroupSchedulingStrategy(self.pg, i) for i in range(size)]
+            addr, port = ray.get(_rendezvous.options(scheduling_strategy=placements[0]).remote())
+        self.actors = [make(i, addr, port, placements[min(i, len(placements) - 1)]) for i in range(size)]
+
+    def call(self, method: str, *args: Any) -> Any:
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        pending = list(refs)
+        while pending:  # as they finish: a dead rank raises at once, while its peers wait in a collective
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done[0])
+        return ray.get(refs[0])
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+
+
 def shard(items: list, n: int) -> list[list[int]]:
     """Indices of ``items`` split into ≤ n contiguous, non-empty shards."""
     size = -(-len(items) // n)
@@ -103,8 +150,14 @@ class Controller:
         w, as_dict = cfg.workers, cfg.model_dump(mode="json")
         opts = lambda r: {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
         threads = lambda r: max(1, int(r.num_cpus))
-        self.make_trainer = lambda: (
-            ray.remote(TrainerWorker).options(**opts(w.trainer)).remote(as_dict, threads(w.trainer))
+        self.make_trainer = lambda: TrainerGroup(
+            lambda rank, addr, port, placement: (
+                ray.remote(TrainerWorker)
+                .options(**opts(w.trainer), scheduling_strategy=placement)
+                .remote(as_dict, threads(w.trainer), rank, addr, port)
+            ),
+            w.trainer.num,
+            opts(w.trainer),
         )
         self.trainer, self.trainer_restarts = self.make_trainer(), 0
         self.weights_ref, self.version = None, 0
@@ -149,7 +202,7 @@ class Controller:
             batch, info = self.build_batch(prompts, groups)  # advantages: trainer
             try:
                 logged = self.trainer_logprobs(batch, cfg.run.rollouts_logged)  # π_old of logged rows
-                train = ray.get(self.trainer.train_step.remote(batch))  # trainer worker
+                train = self.trainer.call("train_step", batch)  # trainer worker
             except ray.exceptions.RayActorError:
                 step = self.replace_trainer()  # from the latest checkpoint; its steps are trained again
                 continue
@@ -324,7 +377,7 @@ class Controller:
         return metrics
 
     def push_weights(self) -> None:
-        weights, version = ray.get(self.trainer.export_weights.remote())
+        weights, version = self.trainer.call("export_weights")
         with self.workers_lock:  # never while the producer is mid-step: one step, one policy version
             self.weights_ref, self.version = ray.put(weights), version
             ray.get([a.update_weights.remote(self.weights_ref, self.version) for a in self.rollout.actors])
@@ -360,20 +413,18 @@ class Controller:
             for b, (p, a) in enumerate(zip(prompts, answers)):
                 ids[b, : len(p) + len(a)] = torch.tensor(p + a)
                 mask[b, len(p) - 1 : len(p) - 1 + len(a)] = True
-            on_step(k, ray.get(self.trainer.sft_step.remote(ids, mask, self.cfg.run.warm_start_lr)))
-        ray.get(self.trainer.finish_warm_start.remote())
+            on_step(k, self.trainer.call("sft_step", ids, mask, self.cfg.run.warm_start_lr))
+        self.trainer.call("finish_warm_start")
 
     def checkpoint(self, step: int) -> str:
         """Commit every step up to ``step`` (-1: the warm start); async mode acks their samples after it."""
-        path = ray.get(
-            self.trainer.save_checkpoint.remote(str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
-        )
+        path = self.trainer.call("save_checkpoint", str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
         if self.source is not None:
             self.source.commit()
         return path
 
     def restore(self, path: str) -> int:
-        position = ray.get(self.trainer.load_checkpoint.remote(path))
+        position = self.trainer.call("load_checkpoint", path)
         return int(position["next_step"])
 
     def replace_trainer(self) -> int:
@@ -383,6 +434,7 @@ class Controller:
                 f"the trainer died and workers.max_restarts={self.cfg.workers.max_restarts} is used up"
             )
         self.trainer_restarts += 1
+        self.trainer.kill()  # the other ranks of a data-parallel group are waiting on the dead one
         self.trainer = self.make_trainer()
         # No checkpoint yet: a new trainer holds the initial weights, the state before step 0 (a warm start,
         # when there is one, always ends with a checkpoint).
@@ -423,7 +475,7 @@ class Controller:
             group_size=1,
             advantages_BT=torch.zeros(len(rows), batch.input_ids_BT.shape[1]),
         )
-        return ray.get(self.trainer.compute_logprobs.remote(probe))[0]
+        return self.trainer.call("compute_logprobs", probe)[0]
 
     def rollout_records(
         self, prompts: list[PromptItem], groups: list[list[dict]], batch: TrainBatch, train_logp: torch.Tensor

@@ -42,7 +42,7 @@ def _run_killing_trainer(cfg, run_dir, kill_after_step: int):
     def on_step(step, metrics):
         lines.append((step, metrics))
         if step == kill_after_step and controller.trainer_restarts == 0:
-            ray.kill(controller.trainer, no_restart=True)
+            ray.kill(controller.trainer.actors[-1], no_restart=True)
 
     try:
         assert controller.run(0, lambda: False, on_step) == STEPS
