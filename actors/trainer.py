@@ -28,9 +28,12 @@ class TrainerWorker:
         cfg = ExperimentConfig.model_validate(config)
         kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
         if cfg.trainer.backend == "megatron":
-            from rlplat.train.megatron.trainer import single_rank_trainer
+            from rlplat.train.megatron.trainer import rank_trainer, single_rank_trainer
 
-            self.trainer = single_rank_trainer(cfg)  # refuses layouts of more than one rank
+            if cfg.workers.trainer.num == 1:
+                self.trainer = single_rank_trainer(cfg)
+            else:  # every rank gets every call from the controller's TrainerGroup: they are collectives
+                self.trainer = rank_trainer(cfg, rank, master_addr, master_port)
             return
         # Ranks of one data-parallel group meet at rank 0's address; every rank returns the same results.
         dp = init_data_parallel(

@@ -55,6 +55,10 @@ def preflight(cfg: ExperimentConfig) -> None:
         )
     if cfg.run.steps < 1:
         raise ValueError("run.steps must be ≥ 1")
+    if cfg.trainer.backend == "megatron":
+        from rlplat.train.megatron.layout import check_run
+
+        check_run(cfg)
     if cfg.run.mode == "async":
         from rlplat.buffer import ExperienceStream
 

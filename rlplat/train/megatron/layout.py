@@ -158,8 +158,8 @@ def _check_fp8_blocks(cfg: RingLinearConfig, tp: int, block: int = 128) -> None:
 
 
 def check_run(cfg) -> ParallelLayout:
-    """What ``rlplat run`` can start with backend megatron (an ``ExperimentConfig``): one trainer actor, so one
-    rank. Multi-rank layouts run under torchrun-style launchers (``init_megatron`` in every process)."""
+    """``rlplat run``'s preflight for backend megatron (an ``ExperimentConfig``): the layout fits the model, before
+    any process group starts. The run starts one trainer actor per rank (``workers.trainer.num`` = world size)."""
     from rlplat.models.config import RingLinearConfig
     from rlplat.models.presets import preset
 
@@ -167,14 +167,7 @@ def check_run(cfg) -> ParallelLayout:
         model_cfg = RingLinearConfig.from_json(Path(cfg.model.path) / "config.json")
     else:
         model_cfg = preset(cfg.model.preset, **cfg.model.overrides)
-    lay = check_layout(model_cfg, cfg.trainer, precision=cfg.model.precision)
-    if lay.world > 1:
-        raise ValueError(
-            f"trainer.backend megatron with {lay.world} ranks (tensor {lay.tp} × pipeline {lay.pp} × data "
-            f"{lay.dp}) needs one trainer actor per rank, which rlplat run does not start yet; run the trainer "
-            "ranks with init_megatron + MegatronTrainer under torchrun, or set the sizes to 1"
-        )
-    return lay
+    return check_layout(model_cfg, cfg.trainer, precision=cfg.model.precision)
 
 
 def check_te_fp8(cuda_available: bool | None = None) -> None:

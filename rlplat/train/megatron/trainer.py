@@ -402,8 +402,8 @@ def rank_trainer(
 
 
 def single_rank_trainer(cfg) -> MegatronTrainer:
-    """The Megatron trainer of ``rlplat run``'s one trainer actor: a one-process group, the whole model on one
-    device. ``layout.check_run`` refuses larger layouts before any process group starts."""
+    """The Megatron trainer of a one-rank layout (``rlplat run`` with one trainer actor): a one-process group,
+    the whole model on one device, rank 0's address on this host."""
     from rlplat.train.dist import free_port
     from rlplat.train.megatron.layout import check_run
 
