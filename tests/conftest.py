@@ -72,3 +72,41 @@ def redis_server_url(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+SMALL_STEPS = [
+    "run.eval_every=0",
+    "data.prompts_per_step=4",
+    "rollout.sampling.n=4",
+    "rollout.sampling.max_new_tokens=8",
+    "wandb.mode=disabled",
+]
+
+
+@pytest.fixture
+def run_controller():
+    """Runs configs/tiny_math.yaml (4 prompts × 4 samples, no warm start or eval, ``overrides`` on top) through
+    the Controller in ``run_dir``; returns (controller, [(step, metrics)]). ``on_step(controller, step)`` runs
+    after each step (e.g. to kill a worker). Needs a Ray instance (the ``local_ray`` fixtures)."""
+    from rlplat.config import load_config
+    from rlplat.controller import Controller
+    from rlplat.run import tokenizer_dir
+
+    def run(run_dir, overrides, on_step=lambda controller, step: None):
+        cfg = load_config("configs/tiny_math.yaml", [*SMALL_STEPS, *overrides])
+        controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
+        lines = []
+
+        def record(step, metrics):
+            lines.append((step, metrics))
+            on_step(controller, step)
+
+        try:
+            controller.push_weights()
+            assert controller.run(0, lambda: False, record) == cfg.run.steps
+        finally:
+            controller.trainer.kill()
+            controller.close()
+        return controller, lines
+
+    return run

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -25,6 +26,7 @@ class DataParallel:
 
     rank: int = 0
     world_size: int = 1
+    group: Any = None  # a torch.distributed group (None: the default group); Megatron's data-parallel group
 
     @property
     def enabled(self) -> bool:
@@ -38,7 +40,7 @@ class DataParallel:
         """In-place all-reduce (SUM or MAX); returns ``t``. A no-op for one rank."""
         if self.enabled:
             reduce_op = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX}[op]
-            torch_dist.all_reduce(t, op=reduce_op)
+            torch_dist.all_reduce(t, op=reduce_op, group=self.group)
         return t
 
     def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
@@ -46,7 +48,7 @@ class DataParallel:
         if not self.enabled or not tensors:
             return
         flat = torch.cat([t.reshape(-1) for t in tensors])
-        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+        torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM, group=self.group)
         offset = 0
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))

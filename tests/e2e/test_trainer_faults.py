@@ -8,49 +8,26 @@ import pytest
 import ray
 import redis
 
-from rlplat.config import load_config
-from rlplat.controller import Controller
-from rlplat.run import tokenizer_dir
-
 pytestmark = pytest.mark.ray
 
 STEPS, PROMPTS, N = 6, 4, 4
 SAME_SAMPLES = ("reward/mean", "samples/scored", "response/tokens", "accuracy/train")
 
 
-def _config(mode: str, redis_url: str | None):
-    overrides = [
-        f"run.steps={STEPS}",
-        "run.eval_every=0",
-        "run.checkpoint_every=2",
-        f"run.mode={mode}",
-        f"data.prompts_per_step={PROMPTS}",
-        f"rollout.sampling.n={N}",
-        "rollout.sampling.max_new_tokens=8",
-        "wandb.mode=disabled",
-    ]
+def _run_killing_trainer(run_controller, run_dir, mode: str, redis_url: str | None, kill_after_step: int):
+    overrides = [f"run.steps={STEPS}", "run.checkpoint_every=2", f"run.mode={mode}"]
     if redis_url is not None:
         overrides.append(f"redis.url={redis_url}")
-    return load_config("configs/tiny_math.yaml", overrides)
+    stream_key = []
 
-
-def _run_killing_trainer(cfg, run_dir, kill_after_step: int):
-    controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
-    controller.push_weights()
-    lines = []
-
-    def on_step(step, metrics):
-        lines.append((step, metrics))
+    def kill(controller, step):
+        if controller.source is not None and not stream_key:
+            stream_key.append(controller.source.stream.cfg.stream)
         if step == kill_after_step and controller.trainer_restarts == 0:
             ray.kill(controller.trainer.actors[-1], no_restart=True)
 
-    try:
-        assert controller.run(0, lambda: False, on_step) == STEPS
-    finally:
-        source = controller.source
-        stream_key = source.stream.cfg.stream if source is not None else None
-        controller.close()
-    return controller, lines, stream_key
+    controller, lines = run_controller(run_dir, overrides, kill)
+    return controller, lines, (stream_key or [None])[0]
 
 
 def _check_replay(controller, lines, kill_after_step):
@@ -68,16 +45,14 @@ def _check_replay(controller, lines, kill_after_step):
         assert m["mismatch/max_abs_dlogp"] == 0.0  # the replacement's weights reached the rollout workers
 
 
-def test_sync_trainer_killed_is_replaced_from_checkpoint(local_ray, tmp_path):
-    controller, lines, _ = _run_killing_trainer(_config("sync", None), tmp_path, kill_after_step=2)
+def test_sync_trainer_killed_is_replaced_from_checkpoint(local_ray, tmp_path, run_controller):
+    controller, lines, _ = _run_killing_trainer(run_controller, tmp_path, "sync", None, kill_after_step=2)
     _check_replay(controller, lines, 2)
 
 
 @pytest.mark.redis
-def test_async_trainer_killed_loses_no_sample(local_ray, tmp_path, redis_server_url):
-    controller, lines, key = _run_killing_trainer(
-        _config("async", redis_server_url), tmp_path, kill_after_step=2
-    )
+def test_async_trainer_killed_loses_no_sample(local_ray, tmp_path, redis_server_url, run_controller):
+    controller, lines, key = _run_killing_trainer(run_controller, tmp_path, "async", redis_server_url, 2)
     _check_replay(controller, lines, 2)
     last = lines[-1][1]
     total = STEPS * PROMPTS * N

@@ -3,43 +3,20 @@
 
 import pytest
 
-from rlplat.config import load_config
-from rlplat.controller import Controller
-from rlplat.run import tokenizer_dir
-
 pytestmark = pytest.mark.ray
 
 
-def _run(tmp_path, ranks: int) -> list[dict]:
-    cfg = load_config(
-        "configs/tiny_math.yaml",
-        [
-            "run.steps=2",
-            "run.eval_every=0",
-            "run.checkpoint_every=0",
-            "data.prompts_per_step=4",
-            "rollout.sampling.n=4",
-            "rollout.sampling.max_new_tokens=8",
-            f"trainer.dp_world_size={ranks}",
-            f"workers.trainer.num={ranks}",
-            f"workers.trainer.num_cpus={0.75 / ranks}",
-            "wandb.mode=disabled",
-        ],
-    )
-    controller = Controller(cfg, tmp_path, tokenizer_dir(cfg, tmp_path))
-    seen = []
-    try:
-        controller.push_weights()
-        controller.run(0, lambda: False, lambda step, m: seen.append(m))
-    finally:
-        controller.trainer.kill()
-        controller.close()
-    return seen
+def test_two_trainer_ranks_match_one(local_ray, tmp_path, run_controller):
+    def ranks(n):
+        extra = [
+            f"trainer.dp_world_size={n}",
+            f"workers.trainer.num={n}",
+            f"workers.trainer.num_cpus={0.75 / n}",
+        ]
+        _, lines = run_controller(tmp_path / str(n), ["run.steps=2", "run.checkpoint_every=0", *extra])
+        return [m for _, m in lines]
 
-
-def test_two_trainer_ranks_match_one(local_ray, tmp_path):
-    one = _run(tmp_path / "one", 1)
-    two = _run(tmp_path / "two", 2)
+    one, two = ranks(1), ranks(2)
     assert len(two) == 2
     # the first step samples with the same initial weights: same batch, and the same update up to rounding
     assert two[0]["reward/mean"] == one[0]["reward/mean"]

@@ -50,6 +50,7 @@ from rlplat.models.config import RingLinearConfig
 from rlplat.train.batch import TrainBatch
 from rlplat.train.checkpoint import LATEST, META_FILE, TRAINER_FILE  # the names the torch backend uses
 from rlplat.train.config import TrainerConfig
+from rlplat.train.dist import DataParallel
 from rlplat.train.megatron.layout import (
     LAYOUT_FILE,
     ParallelLayout,
@@ -105,6 +106,7 @@ class MegatronGroups:
         self.rank = ps.get_data_parallel_rank()
         self.world_size = ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        self._dp = DataParallel(self.rank, self.world_size, self.dp_group)  # shard rows, reduce metrics
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.ep_group = ps.get_expert_model_parallel_group()
         self.edp_group = ps.get_expert_data_parallel_group()
@@ -127,13 +129,10 @@ class MegatronGroups:
         return self.world_size > 1
 
     def shard(self, num_rows: int) -> torch.Tensor:
-        return torch.tensor_split(torch.arange(num_rows), self.world_size)[self.rank]
+        return self._dp.shard(num_rows)
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.enabled:
-            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
-            dist.all_reduce(t, op=reduce_op, group=self.dp_group)
-        return t
+        return self._dp.all_reduce(t, op)
 
     def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
         """The Trainer calls this with the master gradients (parameter order) or its expert-load counts,

@@ -8,8 +8,7 @@ import os
 import pytest
 
 from rlplat.config import load_config
-from rlplat.controller import Controller
-from rlplat.run import preflight, tokenizer_dir
+from rlplat.run import preflight
 
 pytestmark = pytest.mark.ray
 
@@ -30,33 +29,19 @@ def ray_with_shim():
     ray.shutdown()
 
 
-def test_tensor_parallel_trainer_ranks_as_ray_actors(ray_with_shim, tmp_path):
+def test_tensor_parallel_trainer_ranks_as_ray_actors(ray_with_shim, tmp_path, run_controller):
     overrides = [
         "run.steps=2",
-        "run.eval_every=0",
-        "run.checkpoint_every=0",
-        "data.prompts_per_step=4",
-        "rollout.sampling.n=4",
-        "rollout.sampling.max_new_tokens=8",
-        "wandb.mode=disabled",
+        "run.checkpoint_every=1",
         "trainer.backend=megatron",
         "trainer.megatron.tensor_parallel_size=2",
         "workers.trainer.num=2",
         "workers.trainer.num_cpus=0.375",
     ]
-    cfg = load_config("configs/tiny_math.yaml", overrides)
-    preflight(cfg)
-    controller = Controller(cfg, tmp_path, tokenizer_dir(cfg, tmp_path))
-    seen = []
-    try:
-        controller.push_weights()
-        assert controller.run(0, lambda: False, lambda step, m: seen.append(m)) == 2
-        path = controller.checkpoint(1)
-    finally:
-        controller.trainer.kill()
-        controller.close()
-    assert len(seen) == 2 and path is not None
-    for m in seen:
+    preflight(load_config("configs/tiny_math.yaml", overrides))
+    _, lines = run_controller(tmp_path, overrides)
+    assert len(lines) == 2 and (tmp_path / "checkpoints" / "latest").exists()
+    for _, m in lines:
         assert m["samples/scored"] == 16 and m["train/tokens"] > 0
         # tensor-parallel sums round differently from the rollout's single-device forward, within fp32 noise
         assert m["mismatch/max_abs_dlogp"] < 1e-4
