@@ -25,6 +25,7 @@ class TrainerWorker:
         from rlplat.train.trainer import Trainer
 
         torch.set_num_threads(max(1, num_threads))
+        self.rank = rank
         cfg = ExperimentConfig.model_validate(config)
         kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
         if cfg.trainer.backend == "megatron":
@@ -98,6 +99,13 @@ class TrainerWorker:
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
         return self.trainer.export_weights()
+
+    def weight_buckets(self, max_bytes: int):
+        """The weights as a stream of buckets (call with Ray's ``num_returns="streaming"``). Every rank must
+        run it (gathering shards is collective); rank 0 alone yields, so each bucket travels once."""
+        for bucket in self.trainer.export_weight_buckets(max_bytes):
+            if self.rank == 0:
+                yield bucket
 
     def save_checkpoint(self, directory: str, data_position: Any) -> str:
         return str(self.trainer.save_checkpoint(directory, data_position))

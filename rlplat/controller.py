@@ -160,7 +160,7 @@ class Controller:
             opts(w.trainer),
         )
         self.trainer, self.trainer_restarts = self.make_trainer(), 0
-        self.weights_ref, self.version = None, 0
+        self.weight_refs, self.version = [], 0
         # The rollout and reward pools are used by the loop and, in async mode, by the producer thread.
         self.workers_lock = threading.RLock()
         self.rollout = Pool(
@@ -377,14 +377,25 @@ class Controller:
         return metrics
 
     def push_weights(self) -> None:
-        weights, version = self.trainer.call("export_weights")
+        """The trainer's weights to every rollout worker as a new policy version, streamed bucket by bucket
+        (``trainer.weight_sync_bucket_mb``): a large model is never gathered whole in one message."""
+        max_bytes = self.cfg.trainer.weight_sync_bucket_mb << 20
         with self.workers_lock:  # never while the producer is mid-step: one step, one policy version
-            self.weights_ref, self.version = ray.put(weights), version
-            ray.get([a.update_weights.remote(self.weights_ref, self.version) for a in self.rollout.actors])
+            version = self.trainer.call("version")
+            streams = [
+                a.weight_buckets.options(num_returns="streaming").remote(max_bytes)
+                for a in self.trainer.actors
+            ]
+            self.weight_refs, self.version = [], version
+            for ref in streams[0]:
+                self.weight_refs.append(ref)  # kept for a replacement rollout worker
+                ray.get([a.update_weights.remote(ref, version) for a in self.rollout.actors])
+            for stream in streams[1:]:  # the other ranks yield nothing; this surfaces their errors
+                ray.get(list(stream))
 
     def _send_weights(self, actor) -> None:
-        if self.weights_ref is not None:
-            ray.get(actor.update_weights.remote(self.weights_ref, self.version))
+        for ref in self.weight_refs:
+            ray.get(actor.update_weights.remote(ref, self.version))
 
     def evaluate(self) -> dict[str, float]:
         items = self.eval_items[: self.cfg.data.eval_prompts]

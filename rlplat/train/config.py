@@ -84,6 +84,9 @@ class TrainerConfig(_Closed):
         description="Non-finite reward/log-prob in a sample: raise, or drop its whole group and record it.",
     )
     dp_world_size: int = Field(1, ge=1, description="Data-parallel trainer processes.")
+    weight_sync_bucket_mb: int = Field(
+        512, ge=1, description="Weights go to rollout workers in buckets of at most this many MiB (streamed)."
+    )
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: nccl on GPU, gloo on CPU."
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -53,6 +54,23 @@ from rlplat.train.dist import DataParallel
 from rlplat.train.experts import ExpertLoadCounter
 
 
+def weight_buckets(
+    named: Iterable[tuple[str, torch.Tensor]], max_bytes: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Groups named tensors, in order, into dicts of at most ``max_bytes`` (a larger tensor is a bucket alone)."""
+    bucket: dict[str, torch.Tensor] = {}
+    size = 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = {}, 0
+        bucket[name] = t
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
 class NonFiniteError(FloatingPointError):
     """The loss or the gradient of a step was NaN/inf; nothing was updated (keep the last good checkpoint)."""
 
@@ -70,6 +88,8 @@ class TrainerBackend(Protocol):
     def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
+
+    def export_weight_buckets(self, max_bytes: int = ...) -> Iterator[dict[str, torch.Tensor]]: ...
 
     def save_checkpoint(self, directory: str, data_position: Any = None) -> Any: ...
 
@@ -196,6 +216,12 @@ class Trainer:
         """Named tensors for rollout workers (HF names, the model's dtypes, CPU copies) and their version."""
         tensors = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         return tensors, self._version
+
+    def export_weight_buckets(self, max_bytes: int = 512 << 20) -> Iterator[dict[str, torch.Tensor]]:
+        """``export_weights`` as a stream of buckets of at most ``max_bytes``: CPU copies are made one bucket
+        at a time, so a large model is never copied whole."""
+        named = ((k, v.detach().to("cpu", copy=True)) for k, v in self.model.state_dict().items())
+        return weight_buckets(named, max_bytes)
 
     def save_checkpoint(self, directory: str, data_position: Any = None):
         from rlplat.train.checkpoint import save_checkpoint

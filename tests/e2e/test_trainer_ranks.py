@@ -12,8 +12,12 @@ def test_two_trainer_ranks_match_one(local_ray, tmp_path, run_controller):
             f"trainer.dp_world_size={n}",
             f"workers.trainer.num={n}",
             f"workers.trainer.num_cpus={0.75 / n}",
+            "trainer.weight_sync_bucket_mb=1",  # the tiny model's ~7 MiB reach the rollout in several buckets
         ]
-        _, lines = run_controller(tmp_path / str(n), ["run.steps=2", "run.checkpoint_every=0", *extra])
+        controller, lines = run_controller(
+            tmp_path / str(n), ["run.steps=2", "run.checkpoint_every=0", *extra]
+        )
+        assert len(controller.weight_refs) > 4
         return [m for _, m in lines]
 
     one, two = ranks(1), ranks(2)

@@ -58,6 +58,13 @@ def test_step_metrics_version_and_export(tiny, make_batch, on_policy):
     tensors, version = trainer.export_weights()
     assert version == 1 and set(tensors) == set(tiny.state_dict())
     assert "model.layers.1.mlp.gate.expert_bias" in tensors and "lm_head.weight" in tensors
+    buckets = list(trainer.export_weight_buckets(max_bytes=1 << 20))
+    assert len(buckets) > 1 and [k for b in buckets for k in b] == list(tensors)  # all, once, in order
+    for b in buckets:
+        size = sum(t.numel() * t.element_size() for t in b.values())
+        assert size <= 1 << 20 or len(b) == 1  # only a tensor larger than the bound is a bucket of its own
+        for k, t in b.items():
+            assert torch.equal(t, tensors[k]) and t.device.type == "cpu"
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])

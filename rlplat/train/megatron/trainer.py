@@ -63,7 +63,7 @@ from rlplat.train.megatron.layout import (
     write_layout,
 )
 from rlplat.train.megatron.model import ParallelRingLinear
-from rlplat.train.trainer import Trainer
+from rlplat.train.trainer import Trainer, weight_buckets
 
 
 def init_megatron(
@@ -277,17 +277,7 @@ class MegatronTrainer(Trainer):
         """Full tensors under HF names (CPU, the model's dtypes), in buckets of at most ``max_bytes`` (a
         tensor larger than that is a bucket of its own). Every rank must iterate (collectives); every rank
         gets the same buckets, so any rank can push them to rollout workers."""
-        bucket: dict[str, torch.Tensor] = {}
-        size = 0
-        for name, full in self._gathered():
-            nbytes = full.numel() * full.element_size()
-            if bucket and size + nbytes > max_bytes:
-                yield bucket
-                bucket, size = {}, 0
-            bucket[name] = full
-            size += nbytes
-        if bucket:
-            yield bucket
+        return weight_buckets(self._gathered(), max_bytes)
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], int]:
         """The whole model at once (``TrainerBackend``); large models should stream ``export_weight_buckets``."""
