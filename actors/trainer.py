@@ -71,7 +71,8 @@ class TrainerWorker:
         )
         algo, config = self.trainer.algo, self.trainer.config
         if lr is not None:
-            self.trainer.config = config.model_copy(update={"lr": lr, "lr_warmup_steps": 0})
+            update = {"lr": lr, "lr_warmup_steps": 0, "lr_decay": "constant"}
+            self.trainer.config = config.model_copy(update=update)
         # no rewards to filter on, and no KL pull towards the initial weights during the warm start
         self.trainer.algo = algo.model_copy(
             update={
@@ -93,6 +94,8 @@ class TrainerWorker:
         """The KL reference of RL is the warm-started policy, not the random initialisation."""
         if self.trainer.reference is not None:
             self.trainer.reference.load_state_dict(self.trainer.model.state_dict())
+        # trainer.lr_warmup_steps and lr_decay_steps count RL steps; the warm start's steps must not use them up
+        self.trainer.step = 0
 
     def compute_logprobs(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.trainer.compute_logprobs(batch)

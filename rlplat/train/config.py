@@ -57,6 +57,15 @@ class TrainerConfig(_Closed):
     )
     lr: float = Field(1e-6, gt=0.0, description="AdamW peak learning rate.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to lr over this many steps.")
+    lr_decay: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After the warm-up: keep lr, or decay it to lr × lr_min_ratio."
+    )
+    lr_decay_steps: int = Field(
+        0,
+        ge=0,
+        description="Steps (counted from the first RL step) at whose end the decay reaches its floor.",
+    )
+    lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the decay, as a fraction of lr.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW decoupled weight decay.")
@@ -99,6 +108,11 @@ class TrainerConfig(_Closed):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
+        if self.lr_decay != "constant" and self.lr_decay_steps <= self.lr_warmup_steps:
+            raise ValueError(
+                f"lr_decay {self.lr_decay!r} needs lr_decay_steps > lr_warmup_steps ({self.lr_warmup_steps}); "
+                "set lr_decay_steps, e.g. to run.steps"
+            )
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {b}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
@@ -575,5 +576,12 @@ class Trainer:
             m.grad = None
 
     def _lr(self) -> float:
-        warmup = self.config.lr_warmup_steps
-        return self.config.lr * min(1.0, (self.step + 1) / warmup) if warmup > 0 else self.config.lr
+        cfg, k = self.config, self.step + 1  # this step's number, from 1
+        if k <= cfg.lr_warmup_steps:
+            return cfg.lr * k / cfg.lr_warmup_steps
+        if cfg.lr_decay == "constant":
+            return cfg.lr
+        # progress through the decay: 0 at the end of the warm-up, 1 at lr_decay_steps and after
+        t = min(1.0, (k - cfg.lr_warmup_steps) / (cfg.lr_decay_steps - cfg.lr_warmup_steps))
+        shape = 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+        return cfg.lr * (cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * shape)

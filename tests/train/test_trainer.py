@@ -1,4 +1,5 @@
 import copy
+import itertools
 
 import pytest
 import torch
@@ -219,3 +220,26 @@ def test_plain_kernel_mode_is_scoped_to_the_trainer(tiny, make_batch):
 def test_world_size_must_match(tiny):
     with pytest.raises(ValueError, match="dp_world_size"):
         Trainer(tiny, AlgoConfig(), TrainerConfig(dp_world_size=2))
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "cosine"])
+def test_learning_rate_schedule(tiny, decay):
+    cfg = TrainerConfig(lr=1.0, lr_warmup_steps=2, lr_decay=decay, lr_decay_steps=6, lr_min_ratio=0.1)
+    trainer = Trainer(tiny, AlgoConfig(), cfg)
+    lrs = []
+    for step in range(8):
+        trainer.step = step
+        lrs.append(trainer._lr())
+    assert lrs[:2] == [0.5, 1.0]  # warm-up: step k of 2 at k/2
+    if decay == "constant":
+        assert lrs[2:] == [1.0] * 6
+        return
+    assert lrs[5] == pytest.approx(0.1) and lrs[6:] == pytest.approx([0.1, 0.1])  # the floor from step 6 on
+    assert all(a > b for a, b in itertools.pairwise(lrs[1:6]))  # strictly down in between
+    middle = 0.1 + 0.9 * 0.5  # halfway through the decay (step 4 of 2..6) both shapes are at the midpoint
+    assert lrs[3] == pytest.approx(middle)
+
+
+def test_lr_decay_needs_its_length():
+    with pytest.raises(ValueError, match="lr_decay_steps"):
+        TrainerConfig(lr_decay="linear", lr_warmup_steps=5, lr_decay_steps=5)
