@@ -7,10 +7,12 @@ import json
 import os
 import platform
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
 
 # kernel mode of each benchmarked path: the batch-invariant one RL uses, and the plain one it is compared with
 PATHS = {"invariant": True, "plain": False}
@@ -55,3 +57,20 @@ def write_result(kind: str, payload: dict[str, Any], out_dir: str | Path = "benc
 def csv_names(csv: str) -> tuple[str, ...]:
     """``"tiny, mid"`` → ``("tiny", "mid")`` (command-line lists)."""
     return tuple(p.strip() for p in csv.split(",") if p.strip())
+
+
+def csv_ints(csv: str) -> tuple[int, ...]:
+    """``"1,8, 64"`` → ``(1, 8, 64)`` (command-line lists)."""
+    return tuple(int(p) for p in csv_names(csv))
+
+
+def run_reported(run: Callable[[Console], Any], console: Console | None = None) -> int:
+    """Exit status of a benchmark: 0, or 1 after saying which correctness check failed (nothing is reported)."""
+    console = console or Console()
+    try:
+        run(console)
+    except CorrectnessError as err:
+        console.print("correctness check failed, nothing reported:", style="bold red", end=" ")
+        console.print(str(err), markup=False, highlight=False)
+        return 1
+    return 0

@@ -36,8 +36,16 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from rlplat.bench.common import PATHS, CorrectnessError, csv_names, hardware, write_result
+from rlplat.bench.common import (
+    PATHS,
+    CorrectnessError,
+    csv_names,
+    hardware,
+    run_reported,
+    write_result,
+)
 from rlplat.models import PRESETS, LayerCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8, preset
+from rlplat.models.presets import check_presets
 from rlplat.models.ring_linear import DecoderLayer, count_parameters
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -373,9 +381,7 @@ def run(settings: Settings, out_dir: str | Path, console: Console | None = None)
     """Check, time, write the result file and print the tables; raises CorrectnessError before timing."""
     console = console or Console()
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
-    for name in (*settings.presets, settings.decode_preset):
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    check_presets(*settings.presets, settings.decode_preset)
     for p in (*settings.precisions, *settings.decode_precisions):
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
@@ -417,16 +423,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.threads is not None:
         # On a shared machine one thread per process avoids OpenMP threads waiting on descheduled peers.
         torch.set_num_threads(args.threads)
-    console = Console()
     try:
-        run(settings, args.out, console)
-    except CorrectnessError as err:
-        console.print("correctness check failed, nothing reported:", style="bold red", end=" ")
-        console.print(str(err), markup=False, highlight=False)
-        return 1
+        return run_reported(lambda console: run(settings, args.out, console))
     finally:
         torch.set_num_threads(previous_threads)
-    return 0
 
 
 def register(sub) -> None:

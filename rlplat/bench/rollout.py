@@ -39,8 +39,16 @@ from rich.console import Console
 from rich.table import Table
 
 import kernels
-from rlplat.bench.common import CorrectnessError, hardware, write_result
-from rlplat.models import PRESETS, RingLinearForCausalLM, count_parameters, preset
+from rlplat.bench.common import (
+    CorrectnessError,
+    csv_ints,
+    csv_names,
+    hardware,
+    run_reported,
+    write_result,
+)
+from rlplat.models import RingLinearForCausalLM, count_parameters, preset
+from rlplat.models.presets import check_presets
 
 SEED = 0
 
@@ -373,9 +381,7 @@ def run(settings: Settings, out_dir: str | Path, console: Console | None = None)
     """Check, time, write the result file and print the table; raises CorrectnessError before reporting."""
     console = console or Console()
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
-    for name in settings.presets:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    check_presets(*settings.presets)
     if not settings.batches or min(settings.batches) < 1:
         raise ValueError(f"batch sizes must be ≥ 1, got {settings.batches}")
     use_vllm = settings.vllm and importlib.util.find_spec("vllm") is not None
@@ -426,50 +432,39 @@ def run(settings: Settings, out_dir: str | Path, console: Console | None = None)
     return path
 
 
-def throughput_table(rows: list[dict]) -> Table:
-    table = Table(title="Generated tokens/s (fp32; B prompts × N new tokens, prefill included)")
+def pivot_table(title: str, rows: list[dict], key: str, value: str, fmt: str) -> Table:
+    """One row per (preset, ``key``), one column per backend, cells ``value`` formatted with ``fmt``."""
+    table = Table(title=title)
     backends = list(dict.fromkeys(r["backend"] for r in rows))
-    for col in ("preset", "B", *backends):
+    for col in ("preset", key, *backends):
         table.add_column(col, justify="left" if col == "preset" else "right")
-    by_key = {(r["preset"], r["batch"], r["backend"]): r["tokens_per_s"] for r in rows}
-    for name, B in dict.fromkeys((r["preset"], r["batch"]) for r in rows):
-        cells = [f"{by_key[(name, B, b)]:,.1f}" if (name, B, b) in by_key else "—" for b in backends]
-        table.add_row(name, str(B), *cells)
+    cells = {(r["preset"], r[key], r["backend"]): r[value] for r in rows}
+    for name, k in dict.fromkeys((r["preset"], r[key]) for r in rows):
+        values = [format(cells[(name, k, b)], fmt) if (name, k, b) in cells else "—" for b in backends]
+        table.add_row(name, str(k), *values)
     return table
+
+
+def throughput_table(rows: list[dict]) -> Table:
+    title = "Generated tokens/s (fp32; B prompts × N new tokens, prefill included)"
+    return pivot_table(title, rows, "batch", "tokens_per_s", ",.1f")
 
 
 def decode_table(rows: list[dict]) -> Table:
-    table = Table(title="Decode time per token vs context (ms, batch 1)")
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    for col in ("preset", "context", *backends):
-        table.add_column(col, justify="left" if col == "preset" else "right")
-    by_key = {(r["preset"], r["context"], r["backend"]): r["ms_per_token"] for r in rows}
-    for name, L in dict.fromkeys((r["preset"], r["context"]) for r in rows):
-        cells = [f"{by_key[(name, L, b)]:.2f}" if (name, L, b) in by_key else "—" for b in backends]
-        table.add_row(name, str(L), *cells)
-    return table
-
-
-def _ints(csv: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in csv.split(",") if p.strip())
+    return pivot_table(
+        "Decode time per token vs context (ms, batch 1)", rows, "context", "ms_per_token", ".2f"
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     settings = Settings.quick() if args.quick else Settings()
     if args.presets:
-        settings = replace(settings, presets=tuple(p.strip() for p in args.presets.split(",") if p.strip()))
+        settings = replace(settings, presets=csv_names(args.presets))
     if args.batches:
-        settings = replace(settings, batches=_ints(args.batches), preset_batches={})
+        settings = replace(settings, batches=csv_ints(args.batches), preset_batches={})
     if args.no_vllm:
         settings = replace(settings, vllm=False)
-    console = Console()
-    try:
-        run(settings, args.out, console)
-    except CorrectnessError as err:
-        console.print("correctness check failed, nothing reported:", style="bold red", end=" ")
-        console.print(str(err), markup=False, highlight=False)
-        return 1
-    return 0
+    return run_reported(lambda console: run(settings, args.out, console))
 
 
 def register(sub) -> None:

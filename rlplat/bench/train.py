@@ -32,8 +32,16 @@ from rich.table import Table
 
 import kernels
 from rlplat.algos.config import AlgoConfig
-from rlplat.bench.common import PATHS, CorrectnessError, csv_names, hardware, write_result
+from rlplat.bench.common import (
+    PATHS,
+    CorrectnessError,
+    csv_names,
+    hardware,
+    run_reported,
+    write_result,
+)
 from rlplat.models import PRESETS, RingLinearForCausalLM, preset
+from rlplat.models.presets import check_presets
 from rlplat.train import TrainBatch, Trainer, TrainerConfig
 
 PRECISIONS = ("fp32", "bf16", "fp8")
@@ -164,9 +172,7 @@ def loss_comparison(settings: Settings, log) -> dict[str, Any]:
 def run(settings: Settings, out_dir: str | Path, console: Console | None = None) -> Path:
     console = console or Console()
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")
-    for name in settings.presets:
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    check_presets(*settings.presets)
     for p in settings.precisions:
         if p not in PRECISIONS:
             raise ValueError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
@@ -215,13 +221,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         settings = replace(settings, loss_steps=args.loss_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
-    console = Console()
-    try:
-        run(settings, args.out, console)
-    except CorrectnessError as err:
-        console.print(f"[bold red]correctness check failed, nothing reported:[/bold red] {err}")
-        return 1
-    return 0
+    return run_reported(lambda console: run(settings, args.out, console))
 
 
 def register(bench_sub) -> None:

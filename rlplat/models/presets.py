@@ -97,7 +97,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def check_presets(*names: str) -> None:
+    for name in names:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+
+
 def preset(name: str, **overrides) -> RingLinearConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    check_presets(name)
     return RingLinearConfig(**{**PRESETS[name], **overrides})
