@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from rlplat.buffer import Entry, ExperienceStream
 
@@ -93,7 +93,7 @@ class AsyncRollout:
         groups = [flat[i : i + self.group_size] for i in range(0, len(flat), self.group_size)]
         return groups, [e.id for e in entries]
 
-    def trained(self, steps_done: int, entry_ids: list[str] = ()) -> None:
+    def trained(self, steps_done: int, entry_ids: Sequence[str] = ()) -> None:
         """The rollout workers now hold the weights after ``steps_done`` steps; ``entry_ids`` were used."""
         self._uncommitted.extend(entry_ids)
         with self._cond:

@@ -105,7 +105,8 @@ class TrainerGroup:
     return the same results and rank 0 alone writes checkpoints."""
 
     def __init__(self, make: Callable[[int, str | None, int | None, Any], Any], size: int, resources: dict):
-        self.pg, placements, addr, port = None, [None], None, None
+        self.pg, addr, port = None, None, None
+        placements: list[Any] = [None] * size  # one rank: Ray places it like any actor
         if size > 1:
             bundle = {
                 k: v for k, v in {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}.items() if v
@@ -119,7 +120,7 @@ class TrainerGroup:
                 ) from err
             placements = [PlacementGroupSchedulingStrategy(self.pg, i) for i in range(size)]
             addr, port = ray.get(_rendezvous.options(scheduling_strategy=placements[0]).remote())
-        self.actors = [make(i, addr, port, placements[min(i, len(placements) - 1)]) for i in range(size)]
+        self.actors = [make(i, addr, port, placements[i]) for i in range(size)]
 
     def call(self, method: str, *args: Any) -> Any:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
