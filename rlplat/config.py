@@ -126,6 +126,23 @@ class ExperimentConfig(Section):
     )
     redis: RedisConfig = Field(default_factory=RedisConfig, description="Experience stream for async mode.")
 
+    def trainer_config(self) -> TrainerConfig:
+        """``trainer:`` with what it leaves to the run filled in: a null lr_decay_steps decays over run.steps
+        (resolved here, not in config.yaml, so `--resume DIR run.steps=N` decays over the new N)."""
+        if self.trainer.lr_decay_steps is not None:
+            return self.trainer
+        return self.trainer.model_copy(update={"lr_decay_steps": self.run.steps})
+
+    @model_validator(mode="after")
+    def _lr_decay_fits_the_run(self) -> ExperimentConfig:
+        t = self.trainer
+        if t.lr_decay != "constant" and t.lr_decay_steps is None and self.run.steps <= t.lr_warmup_steps:
+            raise ValueError(
+                f"trainer.lr_decay {t.lr_decay!r} over run.steps={self.run.steps} needs more steps than "
+                f"trainer.lr_warmup_steps={t.lr_warmup_steps}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _trainer_ranks(self) -> ExperimentConfig:
         t = self.trainer

@@ -60,10 +60,10 @@ class TrainerConfig(_Closed):
     lr_decay: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="After the warm-up: keep lr, or decay it to lr × lr_min_ratio."
     )
-    lr_decay_steps: int = Field(
-        0,
-        ge=0,
-        description="Steps (counted from the first RL step) at whose end the decay reaches its floor.",
+    lr_decay_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Steps (from the first RL step) at whose end the decay reaches its floor; null: run.steps.",
     )
     lr_min_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Floor of the decay, as a fraction of lr.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW (beta1, beta2).")
@@ -108,10 +108,10 @@ class TrainerConfig(_Closed):
 
     @model_validator(mode="after")
     def _check(self) -> TrainerConfig:
-        if self.lr_decay != "constant" and self.lr_decay_steps <= self.lr_warmup_steps:
+        steps = self.lr_decay_steps
+        if self.lr_decay != "constant" and steps is not None and steps <= self.lr_warmup_steps:
             raise ValueError(
-                f"lr_decay {self.lr_decay!r} needs lr_decay_steps > lr_warmup_steps ({self.lr_warmup_steps}); "
-                "set lr_decay_steps, e.g. to run.steps"
+                f"lr_decay {self.lr_decay!r} needs lr_decay_steps > lr_warmup_steps ({self.lr_warmup_steps})"
             )
         for i, b in enumerate(self.betas):
             if not 0.0 <= b < 1.0:

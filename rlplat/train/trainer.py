@@ -151,6 +151,11 @@ class Trainer:
         self.algo = algo or AlgoConfig()
         self.config = config or TrainerConfig()
         self.dp = dp or DataParallel()
+        if self.config.lr_decay != "constant" and self.config.lr_decay_steps is None:
+            raise ValueError(
+                f"trainer.lr_decay {self.config.lr_decay!r} needs trainer.lr_decay_steps (rlplat run sets it to "
+                "run.steps when it is null)"
+            )
         if self.config.dp_world_size != self.dp.world_size:
             raise ValueError(
                 f"trainer.dp_world_size is {self.config.dp_world_size} but this process group has "

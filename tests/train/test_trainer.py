@@ -240,6 +240,22 @@ def test_learning_rate_schedule(tiny, decay):
     assert lrs[3] == pytest.approx(middle)
 
 
-def test_lr_decay_needs_its_length():
+def test_lr_decay_needs_its_length(tiny):
     with pytest.raises(ValueError, match="lr_decay_steps"):
         TrainerConfig(lr_decay="linear", lr_warmup_steps=5, lr_decay_steps=5)
+    with pytest.raises(ValueError, match=r"needs trainer\.lr_decay_steps"):
+        Trainer(tiny, AlgoConfig(), TrainerConfig(lr_decay="linear"))
+
+
+def test_lr_decay_over_the_run_follows_run_steps():
+    from rlplat.config import ExperimentConfig, load_config
+
+    cfg = load_config("configs/tiny_math.yaml", ["run.steps=400"])
+    assert cfg.trainer.lr_decay == "linear" and cfg.trainer.lr_decay_steps is None  # config.yaml keeps null
+    assert cfg.trainer_config().lr_decay_steps == 400
+    explicit = load_config("configs/tiny_math.yaml", ["trainer.lr_decay_steps=100"])
+    assert explicit.trainer_config().lr_decay_steps == 100
+    with pytest.raises(ValueError, match="needs more steps than"):
+        ExperimentConfig.model_validate(
+            {"run": {"steps": 5}, "trainer": {"lr_decay": "cosine", "lr_warmup_steps": 5}}
+        )
