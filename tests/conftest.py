@@ -21,6 +21,12 @@ def _reset_kernel_mode():
     kernels.set_mode(previous.backend, previous.batch_invariant)
 
 
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Every test starts from the same global RNG state, so a test's random inputs do not depend on test order."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_fp32():
     from rlplat.models import RingLinearForCausalLM, preset
