@@ -39,7 +39,9 @@ class MegatronConfig(_Closed):
         1, ge=1, description="Expert-parallel ranks: routed experts are split, tokens move by all-to-all."
     )
     pipeline_parallel_size: int = Field(
-        1, ge=1, description="Pipeline stages (layers split); only 1 is implemented in this build."
+        1,
+        ge=1,
+        description="Pipeline stages: layers split evenly, micro-batches run by Megatron's 1F1B schedule.",
     )
     fp8_recipe: Literal["kernels", "te_blockwise"] = Field(
         "kernels",

@@ -165,7 +165,7 @@ class Trainer:
             model = to_precision(model, precision)
         self.precision = precision_of(model)
         self.model = model.train()
-        self.device = model.lm_head.weight.device
+        self.device = next(model.parameters()).device
         self.step = 0
         self._version = 0
         self.names = [name for name, _ in model.named_parameters()]
@@ -310,15 +310,17 @@ class Trainer:
         for name in _MICRO_SUMS:  # every rank reduces the same names, even one without rows
             sums.add(name, 0.0)
         sums.max("max_abs_dlogp", 0.0)
-        bad_loss = torch.zeros((), device=self.device)
-        for rows in micro:
-            loss = self._micro_step(
-                batch, local[rows], adv_BT, old_BT[rows], rollout_BT[rows], loss_mask_BT[rows],
-                mask_BT[rows], None if weights_BT is None else weights_BT[rows],
-                None if ref_BT is None else ref_BT[rows], normalizer, sums,
+
+        def micro_args(rows: torch.Tensor) -> tuple:
+            """What ``_micro_loss`` takes of one micro-batch (positions ``rows`` into ``local``)."""
+            return (
+                local[rows], adv_BT, old_BT[rows], rollout_BT[rows], loss_mask_BT[rows], mask_BT[rows],
+                None if weights_BT is None else weights_BT[rows], None if ref_BT is None else ref_BT[rows],
+                normalizer, sums,
             )  # fmt: skip
-            if loss is None:
-                bad_loss.fill_(1.0)
+
+        finite = self._backward_micro_batches(batch, micro, micro_args, sums)
+        bad_loss = torch.tensor(0.0 if finite else 1.0, device=self.device)
         self.dp.all_reduce(bad_loss, "max")
         if bad_loss.item() > 0:
             self._discard_grads()
@@ -487,17 +489,20 @@ class Trainer:
         """Input positions each row needs: up to its last scored target (>= 1 so a forward is well-formed)."""
         return (batch.lengths_B[rows.to(batch.lengths_B.device)] - 1).clamp_min(1).cpu()
 
-    def _forward(self, model: nn.Module, batch: TrainBatch, rows: torch.Tensor, count: bool = False):
-        """(logp, entropy) [len(rows), T_mb] over the rows' needed prefix, and that prefix length."""
-        lengths = self._forward_lengths(batch, rows)
-        T_mb = int(lengths.max())
+    def _inputs(self, batch: TrainBatch, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(input ids, targets) [len(rows), T_mb] on the device over the rows' needed prefix, and T_mb."""
+        T_mb = int(self._forward_lengths(batch, rows).max())
         dev_rows = rows.to(batch.input_ids_BT.device)
         ids_BT = batch.input_ids_BT[dev_rows, :T_mb].long().to(self.device)
-        tgt_BT = batch.targets_BT[dev_rows, :T_mb].to(self.device)
+        return ids_BT, batch.targets_BT[dev_rows, :T_mb].to(self.device), T_mb
+
+    def _forward(self, model: nn.Module, batch: TrainBatch, rows: torch.Tensor, count: bool = False):
+        """(logp, entropy) [len(rows), T_mb] over the rows' needed prefix, and that prefix length."""
+        ids_BT, tgt_BT, T_mb = self._inputs(batch, rows)
         if not count:
             logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
             return logp_BT, ent_BT, T_mb
-        valid_BT = torch.arange(T_mb)[None, :] < lengths[:, None]
+        valid_BT = torch.arange(T_mb)[None, :] < self._forward_lengths(batch, rows)[:, None]
         with self.expert_load.counting(valid_BT.to(self.device)):
             logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
         return logp_BT, ent_BT, T_mb
@@ -514,12 +519,40 @@ class Trainer:
                 ent[part.to(self.device), :T_mb] = en.float()
         return logp, ent
 
-    def _micro_step(
-        self, batch, rows, adv_BT, old_BT, rollout_BT, loss_mask_BT, mask_BT, weights_BT, ref_BT,
-        normalizer, sums: _Sums,
+    def _backward_micro_batches(
+        self, batch: TrainBatch, micro: list[torch.Tensor], micro_args, sums: _Sums
+    ) -> bool:
+        """Forward and backward every micro-batch, accumulating fp32 master gradients; False if some loss was
+        NaN/inf (its backward is skipped). ``micro_args(rows)`` gives ``_micro_loss``'s arguments."""
+        finite = True
+        for rows in micro:
+            args = micro_args(rows)
+            logp_full, ent_full, T_mb = self._forward(self.model, batch, args[0], count=True)
+            loss = self._micro_loss(batch, logp_full, ent_full, T_mb, *args)
+            if loss is None:
+                finite = False
+                continue
+            loss.backward()
+            if self.separate_master:
+                for p, m in zip(self.params, self.master, strict=True):
+                    if p.grad is not None:
+                        self._to_master(p, m)
+        return finite
+
+    @staticmethod
+    def _to_master(p: torch.Tensor, m: torch.Tensor) -> None:
+        """Move a low-precision parameter's gradient into its fp32 master's, summed over micro-batches."""
+        g = p.grad.float()
+        m.grad = g if m.grad is None else m.grad.add_(g)
+        p.grad = None
+
+    def _micro_loss(
+        self, batch, logp_full, ent_full, T_mb, rows, adv_BT, old_BT, rollout_BT, loss_mask_BT, mask_BT,
+        weights_BT, ref_BT, normalizer, sums: _Sums,
     ) -> torch.Tensor | None:  # fmt: skip
+        """One micro-batch's share of the step's loss from its log-probs and entropies, with its metrics in
+        ``sums``; None if the model's outputs or the loss are NaN/inf."""
         algo = self.algo
-        logp_full, ent_full, T_mb = self._forward(self.model, batch, rows, count=True)
         dev = logp_full.device
         sl = slice(0, T_mb)
         lm_BT, m_BT = loss_mask_BT[:, sl].to(dev), mask_BT[:, sl].to(dev)
@@ -557,13 +590,6 @@ class Trainer:
         loss = aggregate_loss(loss_BT, lm_BT, algo.loss_agg_mode, normalizer)
         if not torch.isfinite(loss):
             return None
-        loss.backward()
-        if self.separate_master:
-            for p, m in zip(self.params, self.master, strict=True):
-                if p.grad is not None:
-                    g = p.grad.float()
-                    m.grad = g if m.grad is None else m.grad.add_(g)
-                    p.grad = None
         sums.add("loss", loss.detach())
         for name, value in metrics.clip_fractions(out, lm_BT).items():
             sums.add(name, value, n_loss)

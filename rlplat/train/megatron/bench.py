@@ -43,8 +43,11 @@ def _trainer(args, precision: str, lr: float) -> tuple[MegatronTrainer, RingLine
     model = to_precision(model, precision)
     cfg = TrainerConfig(
         backend="megatron", lr=lr, grad_clip=1.0, micro_batch_size=args.micro_batch_size,
-        dp_world_size=dist.get_world_size() // args.tp,
-        megatron=MegatronConfig(tensor_parallel_size=args.tp, expert_parallel_size=args.ep, fp8_recipe=args.fp8_recipe),
+        dp_world_size=dist.get_world_size() // (args.tp * args.pp),
+        megatron=MegatronConfig(
+            tensor_parallel_size=args.tp, expert_parallel_size=args.ep, pipeline_parallel_size=args.pp,
+            fp8_recipe=args.fp8_recipe,
+        ),
     )  # fmt: skip
     init_megatron(
         model.config, cfg, rank=dist.get_rank(), world_size=dist.get_world_size(), precision=precision
@@ -78,7 +81,7 @@ def _cross_entropy(trainer: MegatronTrainer, batch) -> float:
 
 def run(args) -> dict[str, Any]:
     results: dict[str, Any] = {
-        "preset": args.preset, "tp": args.tp, "ep": args.ep, "world": dist.get_world_size(),
+        "preset": args.preset, "tp": args.tp, "ep": args.ep, "pp": args.pp, "world": dist.get_world_size(),
         "fp8_recipe": args.fp8_recipe, "kernels": str(kernels.get_mode()), "batch": args.batch, "seq_len": args.seq_len,
     }  # fmt: skip
     vocab = preset(args.preset).vocab_size
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--fp8-recipe", choices=("kernels", "te_blockwise"), default="te_blockwise")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch-size", type=int, default=8)

@@ -2,9 +2,11 @@
 
 Nothing here imports megatron-core or starts a process group, so every check runs before one exists.
 
-A shard is what one (tensor-parallel rank, expert-parallel rank) pair holds, under the HF names of the model,
-with experts renumbered locally: expert-parallel rank r holds global experts [r·E/ep, (r+1)·E/ep) as
-``mlp.experts.0 ..``. Splits, per HF tensor (H heads, G kv heads, D head dim, C hidden):
+A shard is what one (tensor-parallel rank, expert-parallel rank, pipeline stage) holds, under the HF names of
+the model, with experts renumbered locally: expert-parallel rank r holds global experts [r·E/ep, (r+1)·E/ep) as
+``mlp.experts.0 ..``. Pipeline stage s holds the decoder layers [s·L/pp, (s+1)·L/pp) under their global
+numbers, stage 0 also the embedding, the last stage also the final norm and ``lm_head``.
+Splits, per HF tensor (H heads, G kv heads, D head dim, C hidden):
 
 - vocabulary rows (``word_embeddings``, ``lm_head``) and the column-parallel projections (``g_proj``,
   ``gate_proj``, ``up_proj``, the ``g_norm`` weight) along dim 0, in contiguous blocks;
@@ -13,8 +15,6 @@ with experts renumbered locally: expert-parallel rank r holds global experts [r�
 - row-parallel ``dense`` / ``down_proj`` along dim 1;
 - routed experts by expert index across expert-parallel ranks (not tensor-split: expert tensor parallel = 1);
 - everything else (norms, the fp32 router and its ``expert_bias``) replicated.
-
-Pipeline parallelism would add a layer range per stage; it is not implemented (sizes > 1 are refused).
 """
 
 from __future__ import annotations
@@ -112,11 +112,6 @@ def check_layout(
         raise ValueError(
             f"{fix}.pipeline_parallel_size={pp} does not divide num_hidden_layers="
             f"{model_cfg.num_hidden_layers}; choose a divisor"
-        )
-    if pp > 1:
-        raise ValueError(
-            f"{fix}.pipeline_parallel_size={pp}: pipeline parallelism is not implemented in this build; "
-            "set it to 1 and use tensor/expert parallelism"
         )
     if C % tp:
         raise ValueError(f"{fix}.tensor_parallel_size={tp} does not divide hidden_size={C}")
@@ -263,6 +258,25 @@ def global_expert_name(local_name: str, cfg: RingLinearConfig, ep: int, ep_rank:
     return f"{m.group(1)}{ep_rank * (cfg.num_experts // ep) + int(m.group(2))}{m.group(3)}"
 
 
+def stage_layers(cfg: RingLinearConfig, pp: int, pp_rank: int) -> range:
+    """The global indices of the decoder layers pipeline stage ``pp_rank`` runs (an even split)."""
+    per_stage = cfg.num_hidden_layers // pp
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def stage_of(name: str, cfg: RingLinearConfig, pp: int) -> int:
+    """The pipeline stage holding the HF tensor ``name``."""
+    layer = _layer(name)
+    if layer is not None:
+        return layer // (cfg.num_hidden_layers // pp)
+    return 0 if name.startswith("model.word_embeddings.") else pp - 1  # the final norm and lm_head
+
+
+def shard_tag(tp_rank: int, ep_rank: int, pp_rank: int) -> str:
+    """The suffix of one shard's files (``model-<tag>.safetensors``, a checkpoint's ``trainer-<tag>.pt``)."""
+    return f"tp{tp_rank}-ep{ep_rank}-pp{pp_rank}"
+
+
 def shard_state(
     names: list[str],
     get: Callable[[str], torch.Tensor],
@@ -270,10 +284,13 @@ def shard_state(
     lay: ParallelLayout,
     tp_rank: int,
     ep_rank: int,
+    pp_rank: int = 0,
 ) -> dict[str, torch.Tensor]:
     """One rank's shard, reading only the HF tensors it needs through ``get`` (so a big checkpoint streams)."""
     out = {}
     for name in names:
+        if stage_of(name, cfg, lay.pp) != pp_rank:
+            continue
         owner = expert_owner(name, cfg, lay.ep)
         if owner is not None:
             if owner[0] == ep_rank:
@@ -284,24 +301,27 @@ def shard_state(
 
 
 def merge_states(
-    shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg: RingLinearConfig, lay: ParallelLayout
+    shards: dict[tuple[int, int, int], dict[str, torch.Tensor]], cfg: RingLinearConfig, lay: ParallelLayout
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) pairs from (tp_rank, ep_rank) shards, one tensor at a time. Not every pair need
-    exist: with tp=ep=2 on two ranks they are (0, 0) and (1, 1); each tp rank and each ep rank must appear."""
-    by_tp = {k[0]: shards[k] for k in sorted(shards, reverse=True)}  # the lowest pair of each rank wins
-    by_ep = {k[1]: shards[k] for k in sorted(shards, reverse=True)}
-    missing = [f"tp_rank {t}" for t in range(lay.tp) if t not in by_tp]
-    missing += [f"ep_rank {e}" for e in range(lay.ep) if e not in by_ep]
-    if missing:
-        raise ValueError(f"no shard holds {', '.join(missing)} of layout {lay}")
-    for name in by_tp[0]:
-        if expert_owner(name, cfg, 1) is not None:
-            continue
-        yield name, unshard_tensor(name, [by_tp[t][name] for t in range(lay.tp)], cfg)
-    for e in range(lay.ep):
-        for name, t in by_ep[e].items():
+    """(HF name, full tensor) pairs from (tp_rank, ep_rank, pp_rank) shards, one tensor at a time, stage by
+    stage. Not every triple need exist: with tp=ep=2 on two ranks the pairs are (0, 0) and (1, 1); each tp
+    rank and each ep rank must appear in every stage."""
+    for p in range(lay.pp):
+        stage = sorted((k for k in shards if k[2] == p), reverse=True)  # the lowest triple of each rank wins
+        by_tp = {k[0]: shards[k] for k in stage}
+        by_ep = {k[1]: shards[k] for k in stage}
+        missing = [f"tp_rank {t}" for t in range(lay.tp) if t not in by_tp]
+        missing += [f"ep_rank {e}" for e in range(lay.ep) if e not in by_ep]
+        if missing:
+            raise ValueError(f"no shard of pipeline stage {p} holds {', '.join(missing)} of layout {lay}")
+        for name in by_tp[0]:
             if expert_owner(name, cfg, 1) is not None:
-                yield global_expert_name(name, cfg, lay.ep, e), t.clone()
+                continue
+            yield name, unshard_tensor(name, [by_tp[t][name] for t in range(lay.tp)], cfg)
+        for e in range(lay.ep):
+            for name, t in by_ep[e].items():
+                if expert_owner(name, cfg, 1) is not None:
+                    yield global_expert_name(name, cfg, lay.ep, e), t.clone()
 
 
 # -- the layout file of a sharded directory --------------------------------------------------------------------

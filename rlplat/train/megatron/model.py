@@ -55,6 +55,7 @@ from kernels.softmax_attention import softmax_attention
 from kernels.swiglu import swiglu
 from rlplat.models.config import RingLinearConfig
 from rlplat.models.ring_linear import RMSNorm, Router, SwiGLU, linear_attention_log_decay
+from rlplat.train.megatron.layout import stage_layers
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -323,30 +324,46 @@ class ParallelDecoderLayer(nn.Module):
 
 
 class _Model(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
+    """The stage's decoder layers under their global numbers (``layers.<i>``, as in the HF names); the
+    embedding on the first stage, the final norm on the last."""
+
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, layers: range, first: bool, last: bool):
         super().__init__()
-        self.word_embeddings = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=lin.config, tp_group=lin.tp_group
-        )
-        self.layers = nn.ModuleList(ParallelDecoderLayer(cfg, i, lin) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if first:
+            self.word_embeddings = VocabParallelEmbedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                init_method=_no_init,
+                config=lin.config,
+                tp_group=lin.tp_group,
+            )
+        self.layers = nn.ModuleDict({str(i): ParallelDecoderLayer(cfg, i, lin) for i in layers})
+        if last:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos, sin = rope_table(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
 
 class ParallelRingLinear(nn.Module):
-    """This rank's part of a Ring-linear model; ``token_logprobs`` matches ``RingLinearForCausalLM``'s."""
+    """This rank's part of a Ring-linear model: its tensor/expert shard of its pipeline stage's layers.
+    Without pipeline parallelism ``token_logprobs`` matches ``RingLinearForCausalLM``'s; with it the trainer
+    runs ``stage_forward`` under Megatron's pipeline schedule and the last stage ends with
+    ``logprobs_from_hidden``."""
 
     def __init__(self, cfg: RingLinearConfig, dtype: torch.dtype = torch.float32, fp8: str | None = None):
         super().__init__()
         self.config = cfg
         self._init_args = (dtype, fp8)
+        pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+        self.first_stage, self.last_stage = pp_rank == 0, pp_rank == pp - 1
+        self._input: torch.Tensor | None = None  # the previous stage's hidden states (set_input_tensor)
         lin = ParallelLinears(cfg, dtype, te_fp8=fp8 == "te_blockwise")
         self.te_config = lin.config if lin.te_fp8 else None
-        self.model = _Model(cfg, lin)
-        self.lm_head = lin.column(cfg.hidden_size, cfg.vocab_size)
-        if lin.te_fp8:
+        self.model = _Model(cfg, lin, stage_layers(cfg, pp, pp_rank), self.first_stage, self.last_stage)
+        if self.last_stage and not lin.te_fp8:
+            self.lm_head = lin.column(cfg.hidden_size, cfg.vocab_size)
+        elif self.last_stage:
             # log-probs are defined by rlplat's fp32 LM head, never by an FP8 GEMM
             self.lm_head = ColumnLinear(
                 cfg.hidden_size, cfg.vocab_size,
@@ -366,7 +383,7 @@ class ParallelRingLinear(nn.Module):
     def __deepcopy__(self, memo) -> ParallelRingLinear:
         """A twin on the same ranks holding copies of this rank's tensors (the Trainer's KL reference):
         Megatron's layers keep their process groups, which cannot be copied, so the twin is built anew."""
-        twin = ParallelRingLinear(self.config, *self._init_args).to(self.lm_head.weight.device)
+        twin = ParallelRingLinear(self.config, *self._init_args).to(next(self.parameters()).device)
         twin.load_local_state(self.local_state())
         return twin.train(self.training)
 
@@ -378,31 +395,54 @@ class ParallelRingLinear(nn.Module):
             if isinstance(m, (_KernelGemm, Linear)) and name != "lm_head":
                 m.fp8 = enabled
 
-    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def set_input_tensor(self, tensors: list[torch.Tensor | None] | torch.Tensor | None) -> None:
+        """Megatron's pipeline schedule hands a stage the previous stage's output before each forward."""
+        self._input = tensors[0] if isinstance(tensors, list) else tensors
+
+    def stage_forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """This stage's layers: from the token ids on the first stage, else from ``set_input_tensor``'s
+        hidden states [B, T, C]; the last stage ends with the final norm."""
+        if self.te_config is None:
+            return self._stage_forward(input_ids_BT)
+        from megatron.core.fp8_utils import get_fp8_context
+
+        with get_fp8_context(self.te_config):
+            return self._stage_forward(input_ids_BT)
+
+    def _stage_forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
         B, T = input_ids_BT.shape
-        vocab = self.config.vocab_size
-        if input_ids_BT.numel() and (int(input_ids_BT.min()) < 0 or int(input_ids_BT.max()) >= vocab):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab}); got values outside that range")
         if self.config.max_position_embeddings < T:
             raise ValueError(
                 f"sequence length {T} exceeds max_position_embeddings={self.config.max_position_embeddings}"
             )
         positions = torch.arange(T, device=input_ids_BT.device)[None, :].expand(B, T)
         rope = (self.model.rope_cos, self.model.rope_sin)
-        x = self.model.word_embeddings(input_ids_BT)
-        for layer in self.model.layers:
+        if self.first_stage:
+            vocab = self.config.vocab_size
+            if input_ids_BT.numel() and (int(input_ids_BT.min()) < 0 or int(input_ids_BT.max()) >= vocab):
+                raise ValueError(
+                    f"input_ids must be token ids in [0, {vocab}); got values outside that range"
+                )
+            x = self.model.word_embeddings(input_ids_BT)
+        else:
+            assert self._input is not None, (
+                "a later pipeline stage runs on the previous stage's hidden states"
+            )
+            x = self._input
+        for layer in self.model.layers.values():
             x = layer(x, positions, rope)
-        return self.model.norm(x)
+        return self.model.norm(x) if self.last_stage else x
 
     def token_logprobs(self, input_ids_BT, targets_BT, temperature: float = 1.0):
-        """(log-prob of each target, entropy) fp32 [B, T], the same on every tensor-parallel rank."""
-        if self.te_config is not None:
-            from megatron.core.fp8_utils import get_fp8_context
+        """(log-prob of each target, entropy) fp32 [B, T], the same on every tensor-parallel rank (the
+        whole model on this rank: no pipeline parallelism)."""
+        assert self.first_stage and self.last_stage, (
+            "with pipeline stages, run the trainer's pipeline schedule"
+        )
+        return self.logprobs_from_hidden(self.stage_forward(input_ids_BT), targets_BT, temperature)
 
-            with get_fp8_context(self.te_config):
-                h = self.hidden_states(input_ids_BT)
-        else:
-            h = self.hidden_states(input_ids_BT)
+    def logprobs_from_hidden(self, h: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0):
+        """The last stage's fused LM-head log-probs and entropy of the final hidden states [B, T, C]."""
         B, T, C = h.shape
         # The fused LM head needs the whole vocabulary: gather the vocab-split weight (its backward hands
         # each rank the gradient of its own rows; every tp rank computes the same replicated loss).

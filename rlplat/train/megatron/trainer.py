@@ -1,4 +1,4 @@
-"""The Megatron-core trainer backend: the torch ``Trainer``'s RL step on a tensor/expert-parallel model.
+"""The Megatron-core trainer backend: the torch ``Trainer``'s RL step on a tensor/expert/pipeline-parallel model.
 
 One process per rank (torch.distributed; nccl on GPUs, gloo on CPU). ``init_megatron`` checks the layout
 first (``layout.check_layout``: a bad size fails before any process group exists), then joins the default
@@ -14,13 +14,21 @@ the object the Trainer calls its data-parallel group:
 - gradients, in one call in parameter order: dense parameters over the data-parallel group, the routers
   (partial per tensor-parallel rank, see ``model.py``) over tensor- then data-parallel groups, routed experts
   over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
-  counted once each, replicated tensors once, experts once per expert-parallel group) and clipping by it,
-  so the Trainer's own per-rank clip that follows is a no-op (its norm is ≤ the global one). Without
-  tensor or expert parallelism the Trainer's own norm is already global and is left to it.
+  counted once each, replicated tensors once, experts once per expert-parallel group, every pipeline
+  stage's own) and clipping by it, so the Trainer's own per-rank clip that follows is a no-op (its norm is
+  ≤ the global one). Without model parallelism the Trainer's own norm is already global and is left to it.
+
+Pipeline parallelism (``pipeline_parallel_size`` > 1): each stage holds its layers (``layout.stage_layers``)
+and Megatron's 1F1B schedule (``forward_backward_pipelining_without_interleaving``) runs the step's
+micro-batches through the stages, passing hidden states [B, T, C] point to point; shapes travel with each
+micro-batch (``variable_seq_lengths``), as rows and lengths change from one to the next. The last stage
+computes each micro-batch's loss with the Trainer's ``_micro_loss``, so the loss is the same function as
+without stages. Results only the last stage has — log-probs (old, reference) and the step's metrics — are
+broadcast over the pipeline group, so every rank returns the same answer.
 
 Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron's distributed optimizer,
-which shards them over data-parallel ranks, is not used); pipeline parallelism is not implemented; the
-aux-loss-free expert-bias update is refused (``layout.check_layout``). Under expert parallelism every rank
+which shards them over data-parallel ranks, is not used); the aux-loss-free expert-bias update is refused
+(``layout.check_layout``). Under expert parallelism every rank
 must run the same number of forwards (the all-to-alls pair them up), so micro-batches are split until all
 ranks have as many as the busiest one. Known gap: under expert parallelism a NaN log-prob on one rank makes
 that rank skip its backward (the Trainer's refusal path) while the others run theirs, so the all-to-alls no
@@ -33,13 +41,17 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -59,11 +71,12 @@ from rlplat.train.megatron.layout import (
     global_expert_name,
     is_tensor_parallel,
     shard_state,
+    shard_tag,
     unshard_tensor,
     write_layout,
 )
 from rlplat.train.megatron.model import ParallelRingLinear
-from rlplat.train.trainer import Trainer, weight_buckets
+from rlplat.train.trainer import Trainer, _Sums, weight_buckets
 
 
 def init_megatron(
@@ -110,9 +123,10 @@ class MegatronGroups:
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.ep_group = ps.get_expert_model_parallel_group()
         self.edp_group = ps.get_expert_data_parallel_group()
+        self.pp_group = ps.get_pipeline_model_parallel_group()
         tp_rank = ps.get_tensor_model_parallel_rank()
-        # with tp = ep = 1 every rank holds every tensor, so the Trainer's own norm and clip are global
-        self.model_parallel = self.tp_group.size() > 1 or self.ep_group.size() > 1
+        # with tp = ep = pp = 1 every rank holds every tensor, so the Trainer's own norm and clip are global
+        self.model_parallel = any(g.size() > 1 for g in (self.tp_group, self.ep_group, self.pp_group))
         self.grad_clip = grad_clip
         self.expert = [".mlp.experts." in n for n, _ in named_params]
         self.partial_tp = [bool(getattr(p, "sequence_parallel", False)) for _, p in named_params]
@@ -140,11 +154,11 @@ class MegatronGroups:
         if not tensors:
             return
         assert len(tensors) == len(self.expert), "expected one gradient per parameter, in parameter order"
-        for g, expert, partial in zip(tensors, self.expert, self.partial_tp, strict=True):
+        for g, expert, partial_tp in zip(tensors, self.expert, self.partial_tp, strict=True):
             if expert:
                 dist.all_reduce(g, group=self.edp_group)
                 continue
-            if partial:
+            if partial_tp:
                 dist.all_reduce(g, group=self.tp_group)
             if self.enabled:
                 dist.all_reduce(g, group=self.dp_group)
@@ -157,7 +171,9 @@ class MegatronGroups:
         dense_sq, expert_sq = sq[:1].clone(), sq[1:].clone()
         dist.all_reduce(dense_sq, group=self.tp_group)
         dist.all_reduce(expert_sq, group=self.ep_group)
-        norm = float((dense_sq + expert_sq).sqrt())
+        stage_sq = dense_sq + expert_sq
+        dist.all_reduce(stage_sq, group=self.pp_group)
+        norm = float(stage_sq.sqrt())
         self.last_grad_norm = norm
         if not torch.isfinite(torch.tensor(norm)):
             for g in tensors:  # every rank then refuses the step in the Trainer, not just the one with NaN
@@ -199,8 +215,50 @@ def gather_full(
     model: ParallelRingLinear, lay: ParallelLayout, local: dict[str, torch.Tensor]
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full CPU tensor) for tensors named like ``model.local_state()`` (weights, or their
-    gradients), gathered over the tensor- and expert-parallel groups one at a time. A collective: every
-    rank must iterate it to the end."""
+    gradients), gathered over the tensor- and expert-parallel groups one at a time, then stage by stage over
+    the pipeline group, so every rank gets every tensor. A collective: every rank must iterate it to the end."""
+    if lay.pp == 1:
+        yield from _gather_stage(model, lay, local)
+        return
+    pp_group, my_stage = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_rank()
+    stage_ranks = dist.get_process_group_ranks(pp_group)
+    device = next(model.parameters()).device
+    for stage, src in enumerate(stage_ranks):
+        # the receivers allocate from the owner's list of (name, shape, dtype), one message per stage
+        header: list[Any] = [_stage_header(model, lay, local) if stage == my_stage else None]
+        dist.broadcast_object_list(header, src=src, group=pp_group)
+        owned = _gather_stage(model, lay, local) if stage == my_stage else None
+        for name, shape, dtype in header[0]:
+            if owned is not None:
+                got, full = next(owned)
+                assert got == name, (got, name)
+                buf = full.to(device)
+            else:
+                buf = torch.empty(shape, dtype=dtype, device=device)
+            dist.broadcast(buf, src=src, group=pp_group)
+            yield name, buf.cpu()
+
+
+def _stage_header(
+    model: ParallelRingLinear, lay: ParallelLayout, local: dict[str, torch.Tensor]
+) -> list[tuple[str, torch.Size, torch.dtype]]:
+    """What ``_gather_stage`` yields on this rank, (name, full shape, dtype) in its order, without gathering."""
+    cfg, out = model.config, []
+    for name, t in local.items():
+        if ".mlp.experts." in name:
+            out += [(global_expert_name(name, cfg, lay.ep, e), t.shape, t.dtype) for e in range(lay.ep)]
+        elif is_tensor_parallel(name) and lay.tp > 1:
+            parts = [torch.empty(t.shape, device="meta")] * lay.tp
+            out.append((name, unshard_tensor(name, parts, cfg).shape, t.dtype))
+        else:
+            out.append((name, t.shape, t.dtype))
+    return out
+
+
+def _gather_stage(
+    model: ParallelRingLinear, lay: ParallelLayout, local: dict[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``gather_full`` within one pipeline stage: over its tensor- and expert-parallel groups."""
     cfg = model.config
     tp_group, ep_group = ps.get_tensor_model_parallel_group(), ps.get_expert_model_parallel_group()
     for name, t in local.items():
@@ -236,22 +294,126 @@ class MegatronTrainer(Trainer):
         self.layout = check_layout(cfg, config, precision=precision, world_size=dist.get_world_size())
         self.tp_rank = ps.get_tensor_model_parallel_rank()
         self.ep_rank = ps.get_expert_model_parallel_rank()
+        self.pp_rank = ps.get_pipeline_model_parallel_rank()
         dtype = torch.float32 if precision == "fp32" else torch.bfloat16
         fp8 = config.megatron.fp8_recipe if precision == "fp8" else None
         model = ParallelRingLinear(cfg, dtype, fp8=fp8)
         if torch.cuda.is_available():
             model = model.cuda()
-        model.load_local_state(shard_state(names, get, cfg, self.layout, self.tp_rank, self.ep_rank))
+        model.load_local_state(
+            shard_state(names, get, cfg, self.layout, self.tp_rank, self.ep_rank, self.pp_rank)
+        )
         groups = MegatronGroups(list(model.named_parameters()), config.grad_clip)
         super().__init__(model, algo, config, dp=groups)  # type: ignore[arg-type]
         self.groups = groups
         self.precision = precision
+        # the config Megatron's pipeline schedule reads (its models pass their TransformerConfig)
+        self._schedule_config = TransformerConfig(
+            num_layers=cfg.num_hidden_layers,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            tensor_model_parallel_size=self.layout.tp,
+            pipeline_model_parallel_size=self.layout.pp,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            variable_seq_lengths=True,  # micro-batches differ in rows and length: send shapes first
+            moe_token_dispatcher_type="alltoall",  # what the MoE layers do (Megatron checks it with the above)
+            calculate_per_token_loss=True,  # the Trainer's loss is already normalised over the whole step
+            perform_initialization=False,
+        )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         out = super().train_step(batch)
         if "grad_norm" in out and self.groups.last_grad_norm is not None:
             out["grad_norm"] = self.groups.last_grad_norm  # the global norm, before clipping
         return out
+
+    # -- pipeline parallelism: the Trainer's forwards through Megatron's schedule --------------------------
+
+    def _backward_micro_batches(
+        self, batch: TrainBatch, micro: list[torch.Tensor], micro_args, sums: _Sums
+    ) -> bool:
+        if self.layout.pp == 1:
+            return super()._backward_micro_batches(batch, micro, micro_args, sums)
+        finite = True
+        zero = torch.zeros((), dtype=torch.int, device=self.device)
+
+        def loss_func(args: tuple, T_mb: int, outputs: tuple[torch.Tensor, torch.Tensor]):
+            nonlocal finite
+            logp, ent = outputs
+            loss = self._micro_loss(batch, logp, ent, T_mb, *args)
+            if loss is None:
+                # the schedule still runs this micro-batch's backward through every stage (the stages are
+                # paired point to point); the step is refused afterwards and its gradients discarded
+                finite = False
+                loss = logp.sum() * 0.0
+            return loss, zero, {}
+
+        def forward_step(data: Iterator[torch.Tensor], _model):
+            args = micro_args(next(data))
+            ids_BT, tgt_BT, T_mb = self._inputs(batch, args[0])
+            h = self.model.stage_forward(ids_BT)
+            if not self.model.last_stage:
+                return h, None
+            return self.model.logprobs_from_hidden(h, tgt_BT), partial(loss_func, args, T_mb)
+
+        hooks = []
+        if self.separate_master:  # each micro-batch's gradient into the fp32 master as it arrives
+            for p, m in zip(self.params, self.master, strict=True):
+                hooks.append(p.register_post_accumulate_grad_hook(partial(self._to_master, m=m)))
+        try:
+            self._run_pipeline(self.model, forward_step, micro, forward_only=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        # the last stage computed the losses: its metrics and verdict are the step's on every stage
+        state = [sums.sums, sums.maxes, finite]
+        last = ps.get_pipeline_model_parallel_last_rank()
+        dist.broadcast_object_list(state, src=last, group=self.groups.pp_group)
+        sums.sums, sums.maxes = state[0], state[1]
+        return state[2]
+
+    def _logprobs(self, model, batch: TrainBatch, rows: torch.Tensor, grad: bool = False):
+        if self.layout.pp == 1:
+            return super()._logprobs(model, batch, rows, grad)
+        assert not grad, "pipeline stages recompute log-probs without gradients only"
+        T = batch.input_ids_BT.shape[1]
+        out = torch.zeros(2, len(rows), T, dtype=torch.float32, device=self.device)  # log-probs, entropies
+        zero = torch.zeros((), dtype=torch.int, device=self.device)
+        parts = self._micro_batches(batch, rows)
+
+        def keep(part: torch.Tensor, T_mb: int, outputs: tuple[torch.Tensor, torch.Tensor]):
+            out[0, part.to(self.device), :T_mb] = outputs[0].float()
+            out[1, part.to(self.device), :T_mb] = outputs[1].float()
+            return outputs[0].new_zeros(()), zero, {}
+
+        def forward_step(data: Iterator[torch.Tensor], _model):
+            part = next(data)
+            ids_BT, tgt_BT, T_mb = self._inputs(batch, rows[part])
+            h = model.stage_forward(ids_BT)
+            if not model.last_stage:
+                return h, None
+            return model.logprobs_from_hidden(h, tgt_BT), partial(keep, part, T_mb)
+
+        with torch.no_grad():
+            self._run_pipeline(model, forward_step, parts, forward_only=True)
+        dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups.pp_group)
+        return out[0], out[1]
+
+    def _run_pipeline(
+        self, model: ParallelRingLinear, forward_step: Callable, micro: list[torch.Tensor], forward_only: bool
+    ) -> None:
+        """Megatron's pipeline schedule over ``micro`` (every stage passes the same list)."""
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro),
+            model=_ScheduledStage(model, self._schedule_config),
+            num_microbatches=len(micro),
+            seq_length=0,  # unused: with variable_seq_lengths each tensor's shape is sent ahead of it
+            micro_batch_size=0,
+            forward_only=forward_only,
+        )
 
     def _micro_batches(self, batch: TrainBatch, local: torch.Tensor) -> list[torch.Tensor]:
         micro = super()._micro_batches(batch, local)
@@ -313,10 +475,12 @@ class MegatronTrainer(Trainer):
                 "version": self._version,
                 "precision": self.precision,
             }
-            torch.save({**job, "param_names": None, "optimizer": "in trainer-tp*-ep*.pt"}, tmp / TRAINER_FILE)
+            torch.save(
+                {**job, "param_names": None, "optimizer": "in trainer-tp*-ep*-pp*.pt"}, tmp / TRAINER_FILE
+            )
         dist.barrier()
         if self._writes_shard():
-            tag = f"tp{self.tp_rank}-ep{self.ep_rank}"
+            tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
             local = {k: v.detach().contiguous().cpu() for k, v in self.model.local_state().items()}
             save_file(local, str(tmp / f"model-{tag}.safetensors"), metadata={"format": "pt"})
             state = self.state_dict()
@@ -344,7 +508,7 @@ class MegatronTrainer(Trainer):
         if (path / LATEST).exists() and not (path / LAYOUT_FILE).exists():
             path = path / (path / LATEST).read_text().strip()
         check_checkpoint_layout(path, self.layout)
-        tag = f"tp{self.tp_rank}-ep{self.ep_rank}"
+        tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
         state = torch.load(path / f"trainer-{tag}.pt", map_location=self.device, weights_only=True)
         if state["optimizer"] is None:
             raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
@@ -354,10 +518,23 @@ class MegatronTrainer(Trainer):
         return json.loads((path / META_FILE).read_text())["data_position"]
 
     def _writes_shard(self) -> bool:
-        """The lowest global rank holding this (tp rank, ep rank) writes its files; replicas write nothing."""
+        """The lowest global rank holding this (tp, ep, pp rank) writes its files; replicas write nothing."""
         coords: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(coords, (self.tp_rank, self.ep_rank))
-        return coords.index((self.tp_rank, self.ep_rank)) == dist.get_rank()
+        mine = (self.tp_rank, self.ep_rank, self.pp_rank)
+        dist.all_gather_object(coords, mine)
+        return coords.index(mine) == dist.get_rank()
+
+
+class _ScheduledStage:
+    """What Megatron's pipeline schedule asks of the model it runs: the parallel config (p2p dtype, variable
+    shapes, loss scaling), the model type and ``set_input_tensor``. The forward itself is the trainer's
+    ``forward_step``, which calls the stage directly."""
+
+    model_type = ModelType.encoder_or_decoder
+
+    def __init__(self, stage: ParallelRingLinear, config: TransformerConfig):
+        self.config = config
+        self.set_input_tensor = stage.set_input_tensor
 
 
 def rank_trainer(

@@ -21,19 +21,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _shim import cpu_shim
 
-LAYOUTS = {"tp2": dict(tp=2, ep=1, dp=1), "ep2": dict(tp=1, ep=2, dp=2), "tp2ep2": dict(tp=2, ep=2, dp=1)}
-# EP=2 with 9 rows in micro-batches of 2 (ranks get 5 and 4 rows: 3 and 2 micro-batches, so the trainer must
-# even them out for the all-to-alls) and a KL term (the reference model is a copy of the parallel model)
-UNEVEN = dict(tp=1, ep=2, dp=2)
+LAYOUTS = {
+    "tp2": dict(tp=2, ep=1, dp=1),
+    "ep2": dict(tp=1, ep=2, dp=2),
+    "tp2ep2": dict(tp=2, ep=2, dp=1),
+    "pp2": dict(tp=1, ep=1, dp=1, pp=2),
+}
+# 9 rows in micro-batches of 2 with a KL term (the reference model is a copy of the parallel model). EP=2:
+# ranks get 5 and 4 rows, 3 and 2 micro-batches, so the trainer must even them out for the all-to-alls.
+# PP=2: 5 micro-batches through the 1F1B schedule (warm-up, steady state and cool-down all run).
+UNEVEN = {"uneven": dict(tp=1, ep=2, dp=2), "uneven-pp2": dict(tp=1, ep=1, dp=1, pp=2)}
 
 
-def _trainer_cfg(tp: int, ep: int, dp: int, **kw):
+def _trainer_cfg(tp: int, ep: int, dp: int, pp: int = 1, **kw):
     from rlplat.train.config import MegatronConfig, TrainerConfig
 
     return TrainerConfig(
         backend="megatron",
         dp_world_size=dp,
-        megatron=MegatronConfig(tensor_parallel_size=tp, expert_parallel_size=ep),
+        megatron=MegatronConfig(tensor_parallel_size=tp, expert_parallel_size=ep, pipeline_parallel_size=pp),
         **kw,
     )
 
@@ -79,20 +85,36 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
         )
 
 
-def _uneven_step(inputs: dict, out: Path) -> None:
+def _uneven_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     from rlplat.algos.config import AlgoConfig
     from rlplat.models.config import RingLinearConfig
     from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
 
     hf = inputs["hf_dir"]
     cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
-    tcfg = _trainer_cfg(**UNEVEN, **inputs["uneven_trainer_kw"])
+    tcfg = _trainer_cfg(**lay_sizes, **inputs["uneven_trainer_kw"])
     init_megatron(cfg, tcfg, rank=dist.get_rank(), world_size=2)
     trainer = MegatronTrainer(hf, AlgoConfig.model_validate(inputs["uneven_algo"]), tcfg, precision="fp32")
     metrics = trainer.train_step(inputs["uneven_batch"])
     after, _ = trainer.export_weights()
     if dist.get_rank() == 0:
-        torch.save({"metrics": metrics, "after": after}, out / "trainer-uneven.pt")
+        torch.save({"metrics": metrics, "after": after}, out / f"trainer-{name}.pt")
+
+
+def _bf16_step(inputs: dict, out: Path) -> None:
+    """PP=2 in bf16: gradients reach the fp32 masters through hooks, as the schedule runs the backwards."""
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
+
+    hf = inputs["hf_dir"]
+    cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
+    tcfg = _trainer_cfg(**UNEVEN["uneven-pp2"], **inputs["uneven_trainer_kw"])
+    init_megatron(cfg, tcfg, rank=dist.get_rank(), world_size=2)
+    trainer = MegatronTrainer(hf, None, tcfg, precision="bf16")
+    metrics = trainer.train_step(inputs["uneven_batch"])
+    after, _ = trainer.export_weights()
+    if dist.get_rank() == 0:
+        torch.save({"metrics": metrics, "after": after}, out / "trainer-pp2-bf16.pt")
 
 
 def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
@@ -137,9 +159,12 @@ def _worker(rank: int, out: str, port: int) -> None:
     inputs = torch.load(out_dir / "inputs.pt", weights_only=False)
     try:
         for name, sizes in LAYOUTS.items():
-            _module_step(name, sizes, inputs, out_dir)
+            if sizes.get("pp", 1) == 1:  # a pipeline stage alone has no token_logprobs: trainer level only
+                _module_step(name, sizes, inputs, out_dir)
             _trainer_step(name, sizes, inputs, out_dir)
-        _uneven_step(inputs, out_dir)
+        for name, sizes in UNEVEN.items():
+            _uneven_step(name, sizes, inputs, out_dir)
+        _bf16_step(inputs, out_dir)
     except Exception:
         (out_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
         raise

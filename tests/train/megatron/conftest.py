@@ -121,11 +121,13 @@ class Reference:
     logp0: torch.Tensor
     uneven_metrics: dict[str, float]
     uneven_after: dict[str, torch.Tensor]
+    bf16_metrics: dict[str, float]
+    bf16_after: dict[str, torch.Tensor]
 
 
 @pytest.fixture(scope="session")
 def reference(runs) -> Reference:
-    """The plain torch model and Trainer (one process) on the same weights and batch."""
+    """The plain torch model and Trainer (one process) on the same weights and batches (fp32, and bf16)."""
     batch, ids, targets, loss_w = tiny_batch()
     model = load_pretrained(runs.hf_dir)
     logp, ent = model.token_logprobs(ids, targets)
@@ -143,9 +145,13 @@ def reference(runs) -> Reference:
     )
     uneven_metrics = uneven.train_step(uneven_batch())
     uneven_after, _ = uneven.export_weights()
+    bf16 = Trainer(load_pretrained(runs.hf_dir), None, TrainerConfig(**UNEVEN_TRAINER), precision="bf16")
+    bf16_metrics = bf16.train_step(uneven_batch())
+    bf16_after, _ = bf16.export_weights()
     return Reference(
-        logp.detach(), loss.detach(), grads, before, after, metrics, logp0, uneven_metrics, uneven_after
-    )
+        logp.detach(), loss.detach(), grads, before, after, metrics, logp0, uneven_metrics, uneven_after,
+        bf16_metrics, bf16_after,
+    )  # fmt: skip
 
 
 def pytest_configure(config):

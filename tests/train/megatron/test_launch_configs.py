@@ -36,6 +36,7 @@ def test_megatron_launch_config(name, model, ranks):
 
 def test_flash_config_spans_nodes():
     cfg = load_config(ROOT / "configs/ring_flash_linear_megatron.yaml")
+    assert cfg.trainer.megatron.pipeline_parallel_size > 1  # stages across nodes, tensor parallel inside one
     gpus = (
         cfg.workers.trainer.num * cfg.workers.trainer.num_gpus
         + cfg.workers.rollout.num * cfg.workers.rollout.num_gpus

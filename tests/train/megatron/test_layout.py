@@ -24,25 +24,34 @@ def _cfg(tp=1, ep=1, pp=1, dp=1, **kw) -> TrainerConfig:
     return TrainerConfig(backend="megatron", dp_world_size=dp, megatron=m)
 
 
-@pytest.mark.parametrize(("tp", "ep"), [(1, 1), (2, 1), (1, 4), (2, 2), (4, 16)])
-def test_shard_merge_round_trip_is_exact(hf_tiny, tp, ep):
+@pytest.mark.parametrize(
+    ("tp", "ep", "pp"), [(1, 1, 1), (2, 1, 1), (1, 4, 1), (2, 2, 1), (4, 16, 1), (2, 2, 2), (1, 1, 4)]
+)
+def test_shard_merge_round_trip_is_exact(hf_tiny, tp, ep, pp):
     model = load_pretrained(hf_tiny)
     cfg, state = model.config, model.state_dict()
     if cfg.num_key_value_heads % tp:  # tp=4: the tiny preset with 4 kv heads, so they split too
         model = RingLinearForCausalLM(preset("tiny", num_key_value_heads=4))
         model.reset_parameters(seed=3)
         cfg, state = model.config, model.state_dict()
-    lay = ParallelLayout(tp=tp, ep=ep, dp=max(tp, ep) // tp)
+    lay = ParallelLayout(tp=tp, ep=ep, pp=pp, dp=max(tp, ep) // tp)
     shards = {
-        (t, e): shard_state(list(state), state.__getitem__, cfg, lay, t, e)
+        (t, e, p): shard_state(list(state), state.__getitem__, cfg, lay, t, e, p)
         for t in range(tp)
         for e in range(ep)
+        for p in range(pp)
     }
-    # a shard really is a part: 1/tp of the attention heads, 1/ep of the experts
-    qkv = shards[(0, 0)]["model.layers.0.attention.query_key_value.weight"]
+    # a shard really is a part: 1/tp of the attention heads, 1/ep of the experts (of a MoE layer), 1/pp of
+    # the layers, with the embedding on the first stage and the LM head on the last
+    first, last = shards[(0, 0, 0)], shards[(0, 0, pp - 1)]
+    qkv = first["model.layers.0.attention.query_key_value.weight"]
     assert qkv.shape[0] == 3 * cfg.num_attention_heads * cfg.head_dim // tp
-    experts = {n.split(".mlp.experts.")[1].split(".")[0] for n in shards[(0, 0)] if ".mlp.experts." in n}
-    assert len(experts) == cfg.num_experts // ep
+    moe = [n for n in last if ".mlp.experts." in n]
+    assert len({n.split(".mlp.experts.")[1].split(".")[0] for n in moe}) == cfg.num_experts // ep
+    layers = {int(n.split(".")[2]) for n in first if n.startswith("model.layers.")}
+    assert layers == set(range(cfg.num_hidden_layers // pp))
+    assert "model.word_embeddings.weight" in first and ("lm_head.weight" in first) == (pp == 1)
+    assert "lm_head.weight" in last and "model.norm.weight" in last
     merged = dict(merge_states(shards, cfg, lay))
     assert set(merged) == set(state)
     for name, t in state.items():
@@ -50,9 +59,9 @@ def test_shard_merge_round_trip_is_exact(hf_tiny, tp, ep):
 
 
 def test_directory_conversion_round_trip_is_exact(hf_tiny, tmp_path):
-    main(["to-megatron", str(hf_tiny), str(tmp_path / "sharded"), "--tp", "2", "--ep", "4"])
-    assert read_layout(tmp_path / "sharded") == ParallelLayout(tp=2, ep=4)
-    assert len(list((tmp_path / "sharded").glob("model-tp*-ep*.safetensors"))) == 8
+    main(["to-megatron", str(hf_tiny), str(tmp_path / "sharded"), "--tp", "2", "--ep", "4", "--pp", "2"])
+    assert read_layout(tmp_path / "sharded") == ParallelLayout(tp=2, ep=4, pp=2)
+    assert len(list((tmp_path / "sharded").glob("model-tp*-ep*-pp*.safetensors"))) == 16
     back = load_pretrained(megatron_to_hf(tmp_path / "sharded", tmp_path / "hf"))
     original = load_pretrained(hf_tiny)
     assert back.config == original.config
@@ -80,7 +89,6 @@ def test_bf16_conversion_keeps_dtypes(hf_tiny, tmp_path):
         (dict(ep=3, dp=3), "expert_parallel_size=3 does not divide num_experts=16"),
         (dict(ep=4, dp=2), "expert_parallel_size=4 must divide tensor_parallel_size × dp_world_size = 2"),
         (dict(pp=3), "pipeline_parallel_size=3 does not divide num_hidden_layers=4"),
-        (dict(pp=2), "pipeline parallelism is not implemented"),
     ],
 )
 def test_bad_sizes_are_refused(sizes, match):
