@@ -139,6 +139,10 @@ class _Sums:
 class Trainer:
     """Plain-PyTorch trainer of a ``RingLinearForCausalLM`` (the trainer actor wraps one per rank)."""
 
+    # Whether the model's backward holds collectives across data-parallel ranks (expert all-to-alls): then a
+    # rank whose micro-batch went non-finite still runs its backward, so the others' are not left waiting.
+    _collective_backward = False
+
     def __init__(
         self,
         model: RingLinearForCausalLM,
@@ -531,7 +535,9 @@ class Trainer:
             loss = self._micro_loss(batch, logp_full, ent_full, T_mb, *args)
             if loss is None:
                 finite = False
-                continue
+                if not self._collective_backward:
+                    continue
+                loss = logp_full.sum() * 0.0  # the step is refused after; the backward only pairs up
             loss.backward()
             if self.separate_master:
                 for p, m in zip(self.params, self.master, strict=True):

@@ -29,10 +29,9 @@ broadcast over the pipeline group, so every rank returns the same answer.
 Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron's distributed optimizer,
 which shards them over data-parallel ranks, is not used); the aux-loss-free expert-bias update is refused
 (``layout.check_layout``). Under expert parallelism every rank
-must run the same number of forwards (the all-to-alls pair them up), so micro-batches are split until all
-ranks have as many as the busiest one. Known gap: under expert parallelism a NaN log-prob on one rank makes
-that rank skip its backward (the Trainer's refusal path) while the others run theirs, so the all-to-alls no
-longer pair up and the step hangs until the process-group timeout instead of raising ``NonFiniteError``.
+must run the same number of forwards and backwards (the all-to-alls pair them up): micro-batches are split
+until all ranks have as many as the busiest one, and a rank whose log-probs went NaN/inf still runs its
+backward (on a zero loss) before every rank refuses the step with ``NonFiniteError``.
 """
 
 from __future__ import annotations
@@ -307,6 +306,7 @@ class MegatronTrainer(Trainer):
         super().__init__(model, algo, config, dp=groups)  # type: ignore[arg-type]
         self.groups = groups
         self.precision = precision
+        self._collective_backward = self.layout.ep > 1
         # the config Megatron's pipeline schedule reads (its models pass their TransformerConfig)
         self._schedule_config = TransformerConfig(
             num_layers=cfg.num_hidden_layers,

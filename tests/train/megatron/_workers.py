@@ -101,6 +101,41 @@ def _uneven_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
         torch.save({"metrics": metrics, "after": after}, out / f"trainer-{name}.pt")
 
 
+def _nan_step(inputs: dict, out: Path) -> None:
+    """EP=2, DP=2: only data-parallel rank 1's rows hold a token whose embedding is inf, so only its log-probs
+    go NaN; both ranks must refuse the step (not hang in the all-to-alls of a backward one rank skipped)."""
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train.batch import TrainBatch
+    from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
+    from rlplat.train.trainer import NonFiniteError
+
+    hf = inputs["hf_dir"]
+    cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
+    tcfg = _trainer_cfg(**LAYOUTS["ep2"], **inputs["trainer_kw"])
+    init_megatron(cfg, tcfg, rank=dist.get_rank(), world_size=2)
+    trainer = MegatronTrainer(hf, None, tcfg, precision="fp32")
+    b = inputs["batch"]
+    ids = b.input_ids_BT.clone()
+    ids[3:, 1] = 1  # rows 3..5 are rank 1's; token 1 appears nowhere else (the batch draws from [2, 512))
+    batch = TrainBatch(
+        ids, b.response_mask_BT, b.rollout_logp_BT, group_size=b.group_size, rewards_B=b.rewards_B
+    )
+    with torch.no_grad():
+        trainer.model.model.word_embeddings.weight[1] = float("inf")
+    before, _ = trainer.export_weights()
+    try:
+        trainer.train_step(batch)
+        outcome = "trained"
+    except NonFiniteError as err:
+        outcome = str(err)
+    after, _ = trainer.export_weights()
+    unchanged = all(torch.equal(after[n], t) for n, t in before.items())
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    if dist.get_rank() == 0:
+        torch.save({"outcomes": outcomes, "unchanged": unchanged}, out / "trainer-nan-ep2.pt")
+
+
 def _bf16_step(inputs: dict, out: Path) -> None:
     """PP=2 in bf16: gradients reach the fp32 masters through hooks, as the schedule runs the backwards."""
     from rlplat.models.config import RingLinearConfig
@@ -165,6 +200,7 @@ def _worker(rank: int, out: str, port: int) -> None:
         for name, sizes in UNEVEN.items():
             _uneven_step(name, sizes, inputs, out_dir)
         _bf16_step(inputs, out_dir)
+        _nan_step(inputs, out_dir)
     except Exception:
         (out_dir / f"error-rank{rank}.txt").write_text(traceback.format_exc())
         raise

@@ -101,3 +101,11 @@ def test_pipeline_in_bf16_accumulates_into_fp32_masters(runs, reference):
     diff = sum(float((r["after"][n].float() - w.float()).abs().sum()) for n, w in after.items())
     step = sum(float((w.float() - reference.before[n].float()).abs().sum()) for n, w in after.items())
     assert diff < 0.02 * step
+
+
+def test_nan_on_one_expert_parallel_rank_refuses_the_step_everywhere(runs):
+    """A rank whose log-probs are NaN still runs its backward (the all-to-alls pair up across ranks); then
+    every rank raises NonFiniteError and no weight moved."""
+    r = runs.trainer("nan-ep2")
+    assert all("NaN/inf" in o for o in r["outcomes"]), r["outcomes"]
+    assert r["unchanged"]
