@@ -352,11 +352,7 @@ class MegatronTrainer(Trainer):
 
         def forward_step(data: Iterator[torch.Tensor], _model):
             args = micro_args(next(data))
-            ids_BT, tgt_BT, T_mb = self._inputs(batch, args[0])
-            h = self.model.stage_forward(ids_BT)
-            if not self.model.last_stage:
-                return h, None
-            return self.model.logprobs_from_hidden(h, tgt_BT), partial(loss_func, args, T_mb)
+            return self._stage_step(self.model, batch, args[0], partial(loss_func, args))
 
         hooks = []
         if self.separate_master:  # each micro-batch's gradient into the fp32 master as it arrives
@@ -390,16 +386,22 @@ class MegatronTrainer(Trainer):
 
         def forward_step(data: Iterator[torch.Tensor], _model):
             part = next(data)
-            ids_BT, tgt_BT, T_mb = self._inputs(batch, rows[part])
-            h = model.stage_forward(ids_BT)
-            if not model.last_stage:
-                return h, None
-            return model.logprobs_from_hidden(h, tgt_BT), partial(keep, part, T_mb)
+            return self._stage_step(model, batch, rows[part], partial(keep, part))
 
         with torch.no_grad():
             self._run_pipeline(model, forward_step, parts, forward_only=True)
         dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups.pp_group)
         return out[0], out[1]
+
+    def _stage_step(self, model: ParallelRingLinear, batch: TrainBatch, rows: torch.Tensor, finish: Callable):
+        """One micro-batch through this stage, as the schedule's ``forward_step`` returns it: hidden states for
+        the next stage, or on the last stage (log-probs, entropies) with ``finish(T_mb, outputs)`` as the loss
+        function."""
+        ids_BT, tgt_BT, T_mb = self._inputs(batch, rows)
+        h = model.stage_forward(ids_BT)
+        if not model.last_stage:
+            return h, None
+        return model.logprobs_from_hidden(h, tgt_BT), partial(finish, T_mb)
 
     def _run_pipeline(
         self, model: ParallelRingLinear, forward_step: Callable, micro: list[torch.Tensor], forward_only: bool
