@@ -6,8 +6,10 @@ N tokens flattened, k experts per token, E experts. Parameter names are the HF n
 What is Megatron's and what is ours:
 - Megatron-core: the process groups (``parallel_state``), ``VocabParallelEmbedding``, ``ColumnParallelLinear``
   / ``RowParallelLinear`` (partitioning, parameter attributes, and the collectives: all-reduce of input
-  gradients, all-reduce of row-parallel outputs) and the autograd collectives of ``tensor_parallel.mappings``
-  (all-to-all for expert parallelism, first-dim scatter/gather).
+  gradients, all-reduce of row-parallel outputs), the autograd collectives of ``tensor_parallel.mappings``
+  (first-dim scatter/gather), and ``MoEAlltoAllTokenDispatcher`` for expert parallelism (permutation by
+  expert, split counts, the all-to-alls there and back, sorting by local expert), with
+  ``transformer_config`` describing the model to it.
 - rlplat's kernels: every op that defines per-token numerics — RMSNorm, partial RoPE, linear attention with
   its decays, the group-norm gate, softmax attention, the fp32 group-limited router, SwiGLU, the fused
   LM-head log-probs, and the local GEMM of each parallel linear (``_forward_impl`` is overridden). A
@@ -17,10 +19,11 @@ What is Megatron's and what is ours:
   rollout does; ``te_blockwise`` swaps the tensor-parallel projections for Transformer Engine's layers under
   its Float8BlockScaling recipe (same tiling, E4M3, fp32 scales; TE's own kernels, so only close to the
   rollout's), while routed experts keep rlplat's kernel and the router and LM head stay fp32.
-- Not Megatron's ``MoEAlltoAllTokenDispatcher``: it creates a ``torch.cuda.Stream`` at construction and
-  synchronises device-to-host copies on it, and it combines the k expert outputs by ``scatter_add``. The
-  dispatch here uses the same collective (``mappings.all_to_all``) and combines the k slots in the fixed
-  fp32 order of ``rlplat.models.ring_linear.MoE``.
+- Not the dispatcher's last step (``combine_postprocess``): it would scale expert outputs by the routing
+  weights in the experts and add a token's k rows by ``scatter_add`` in expert order (atomics on GPUs).
+  The rows come back from the dispatcher's all-to-all, each goes to its token's slot, and the k slots are
+  weighted and summed in the fixed fp32 order of ``rlplat.models.ring_linear.MoE``. Without expert
+  parallelism no dispatcher is built (it would send nothing); Megatron's ``permute`` alone orders the rows.
 
 MoE under tensor parallelism (expert tensor parallel size 1, as Megatron does with sequence parallelism):
 activations are replicated across tensor-parallel ranks, so each rank routes a 1/tp slice of the tokens,
@@ -35,13 +38,16 @@ from __future__ import annotations
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.mappings import (
-    all_to_all,
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.transformer.moe.moe_utils import permute
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from kernels.batch_invariant import linear as invariant_linear
@@ -56,6 +62,31 @@ from kernels.swiglu import swiglu
 from rlplat.models.config import RingLinearConfig
 from rlplat.models.ring_linear import RMSNorm, Router, SwiGLU, linear_attention_log_decay
 from rlplat.train.megatron.layout import stage_layers
+
+
+def transformer_config(cfg: RingLinearConfig, dtype: torch.dtype) -> TransformerConfig:
+    """The model in Megatron's terms, for the parts of Megatron that read one: the MoE token dispatcher
+    (experts, top-k, expert-parallel size) and the pipeline schedule (dtype of the hidden states sent between
+    stages, shapes sent ahead, loss scaling). Parallel sizes are those of the current process groups."""
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        expert_tensor_parallel_size=1,
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_router_topk=cfg.num_experts_per_tok,
+        moe_token_dispatcher_type="alltoall",
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        variable_seq_lengths=True,  # micro-batches differ in rows and length: send shapes first
+        calculate_per_token_loss=True,  # the Trainer's loss is already normalised over the whole step
+        perform_initialization=False,
+    )
 
 
 def _no_init(weight: torch.Tensor) -> None:
@@ -92,8 +123,6 @@ class ParallelLinears:
         self.tp_group = ps.get_tensor_model_parallel_group()  # passed explicitly: newer Megatron requires it
         tp = ps.get_tensor_model_parallel_world_size()
         if te_fp8:
-            from megatron.core.transformer.transformer_config import TransformerConfig
-
             self.config = TransformerConfig(
                 num_layers=cfg.num_hidden_layers,
                 hidden_size=cfg.hidden_size,
@@ -216,24 +245,34 @@ class ParallelSwiGLU(nn.Module):
 
 
 class ParallelMoE(nn.Module):
-    """Group-limited sigmoid routing, routed experts split over expert-parallel ranks, TP shared expert."""
+    """Group-limited sigmoid routing, routed experts split over expert-parallel ranks (Megatron's all-to-all
+    token dispatcher), TP shared expert."""
 
-    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, tcfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
-        self.ep = ps.get_expert_model_parallel_world_size()
-        self.ep_rank = ps.get_expert_model_parallel_rank()
-        self.local_experts = cfg.num_experts // self.ep
+        ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        local_experts = cfg.num_experts // ep
         self.gate = Router(cfg)
         self.gate.weight.sequence_parallel = True  # partial gradient per tp rank (see module docstring)
         self.experts = nn.ModuleList(
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(self.local_experts)
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(local_experts)
         )
         for p in self.experts.parameters():
             p.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group
         self.shared_experts = (
             ParallelSwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, lin)
             if cfg.num_shared_experts > 0
+            else None
+        )
+        self.dispatcher = (
+            MoEAlltoAllTokenDispatcher(
+                local_experts,
+                list(range(ep_rank * local_experts, (ep_rank + 1) * local_experts)),
+                tcfg,
+                ProcessGroupCollection.use_mpu_process_groups(["ep", "expt_tp", "tp_ep"]),
+            )
+            if ep > 1
             else None
         )
 
@@ -256,53 +295,50 @@ class ParallelMoE(nn.Module):
 
     def _routed(self, x_NC: torch.Tensor) -> torch.Tensor:
         """Sum over the k chosen experts of weight · expert(x), fp32 [N, C], slots added in a fixed order."""
-        cfg = self.cfg
+        cfg, E = self.cfg, self.cfg.num_experts
         weights_Nk, ids_Nk = group_limited_topk(
             self.gate(x_NC), self.gate.expert_bias, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
             cfg.routed_scaling_factor, cfg.norm_topk_prob,
         )  # fmt: skip
         N, k = ids_Nk.shape
-        flat_ids = ids_Nk.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)  # grouped by expert, hence by owning ep rank
-        sorted_ids = flat_ids[order]
-        send_x = x_NC[order // k]
-        y_sorted = self._experts_remote(send_x, sorted_ids)
-        slots_NkC = y_sorted.new_zeros(N * k, x_NC.shape[1], dtype=torch.float32)
-        slots_NkC = slots_NkC.index_copy(0, order, y_sorted.float()).view(N, k, -1)
+        routing_map_NE = torch.zeros(N, E, dtype=torch.bool, device=x_NC.device).scatter_(1, ids_Nk, True)
+        if self.dispatcher is None:  # one expert-parallel rank: Megatron's permutation, nothing to send
+            x_rows, _, token_of_row = permute(x_NC, routing_map_NE, num_out_tokens=N * k)
+            y_rows = self._run_experts(x_rows, routing_map_NE.sum(0).tolist())
+        else:
+            # The dispatcher carries routing probabilities to the experts, where Megatron's experts would
+            # scale by them; ours are applied after the combine, in fp32 as the rollout does, so its copy is
+            # unused (k floats a token on top of C).
+            d = self.dispatcher
+            probs_NE = torch.zeros(N, E, device=x_NC.device).scatter_(1, ids_Nk, weights_Nk.detach())
+            x_rows, probs_rows = d.token_dispatch(*d.dispatch_preprocess(x_NC, routing_map_NE, probs_NE))
+            x_rows, tokens_per_expert, _ = d.dispatch_postprocess(x_rows, probs_rows)
+            y_rows = self._run_experts(x_rows, tokens_per_expert.tolist())
+            y_rows = d.token_combine(d.combine_preprocess(y_rows))
+            token_of_row = d.reversed_local_input_permutation_mapping
+        # Back in this rank's permuted order (expert-major); Megatron's unpermute would scatter_add the k
+        # rows of a token in that order (atomics on GPUs). Each row goes to its token's slot of its expert
+        # instead, and the slots are weighted and summed in rlplat.models.ring_linear.MoE's fixed order.
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(E, device=x_NC.device), routing_map_NE.sum(0), output_size=N * k
+        )
+        slot_of_row = (ids_Nk[token_of_row] == expert_of_row[:, None]).int().argmax(1)
+        slots_NkC = y_rows.new_zeros(N * k, x_NC.shape[1], dtype=torch.float32)
+        slots_NkC = slots_NkC.index_copy(0, token_of_row * k + slot_of_row, y_rows.float()).view(N, k, -1)
         slots_NkC = slots_NkC * weights_Nk[..., None]
         out = slots_NkC[:, 0]
         for s in range(1, k):
             out = out + slots_NkC[:, s]
         return out
 
-    def _experts_remote(self, send_x: torch.Tensor, sorted_ids: torch.Tensor) -> torch.Tensor:
-        """Run each row through its expert on the owning expert-parallel rank; rows come back in order."""
-        E_loc = self.local_experts
-        if self.ep == 1:
-            return self._run_local(send_x, sorted_ids)
-        group = ps.get_expert_model_parallel_group()
-        send_counts = torch.bincount(sorted_ids // E_loc, minlength=self.ep)
-        recv_counts = torch.empty_like(send_counts)
-        torch.distributed.all_to_all_single(recv_counts, send_counts, group=group)
-        send_split, recv_split = send_counts.tolist(), recv_counts.tolist()
-        recv_ids = sorted_ids.new_empty(sum(recv_split))
-        torch.distributed.all_to_all_single(
-            recv_ids, sorted_ids.contiguous(), recv_split, send_split, group=group
-        )
-        recv_x = all_to_all(group, send_x, recv_split, send_split)
-        y = self._run_local(recv_x, recv_ids - self.ep_rank * E_loc)
-        return all_to_all(group, y, send_split, recv_split)
-
-    def _run_local(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        y = x.new_zeros(x.shape)
-        for e in local_ids.unique().tolist():
-            rows = (local_ids == e).nonzero()[:, 0]
-            y = y.index_copy(0, rows, self.experts[e](x[rows]))
-        return y
+    def _run_experts(self, x_rows: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
+        """This rank's experts on their consecutive runs of rows (``rows_per_expert``: local expert order)."""
+        parts = x_rows.split(rows_per_expert)
+        return torch.cat([self.experts[e](x) if len(x) else x for e, x in enumerate(parts)])
 
 
 class ParallelDecoderLayer(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears, tcfg: TransformerConfig):
         super().__init__()
         C = cfg.hidden_size
         self.input_layernorm = RMSNorm(C, cfg.rms_norm_eps)
@@ -313,7 +349,7 @@ class ParallelDecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(C, cfg.rms_norm_eps)
         self.mlp = (
-            ParallelMoE(cfg, lin)
+            ParallelMoE(cfg, lin, tcfg)
             if cfg.is_moe_layer(layer_idx)
             else ParallelSwiGLU(C, cfg.intermediate_size, lin)
         )
@@ -327,7 +363,10 @@ class _Model(nn.Module):
     """The stage's decoder layers under their global numbers (``layers.<i>``, as in the HF names); the
     embedding on the first stage, the final norm on the last."""
 
-    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, layers: range, first: bool, last: bool):
+    def __init__(
+        self, cfg: RingLinearConfig, lin: ParallelLinears, tcfg: TransformerConfig, layers: range, first: bool,
+        last: bool,
+    ):  # fmt: skip
         super().__init__()
         if first:
             self.word_embeddings = VocabParallelEmbedding(
@@ -337,7 +376,7 @@ class _Model(nn.Module):
                 config=lin.config,
                 tp_group=lin.tp_group,
             )
-        self.layers = nn.ModuleDict({str(i): ParallelDecoderLayer(cfg, i, lin) for i in layers})
+        self.layers = nn.ModuleDict({str(i): ParallelDecoderLayer(cfg, i, lin, tcfg) for i in layers})
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos, sin = rope_table(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_theta)
@@ -360,7 +399,9 @@ class ParallelRingLinear(nn.Module):
         self._input: torch.Tensor | None = None  # the previous stage's hidden states (set_input_tensor)
         lin = ParallelLinears(cfg, dtype, te_fp8=fp8 == "te_blockwise")
         self.te_config = lin.config if lin.te_fp8 else None
-        self.model = _Model(cfg, lin, stage_layers(cfg, pp, pp_rank), self.first_stage, self.last_stage)
+        self.transformer_config = transformer_config(cfg, dtype)
+        layers = stage_layers(cfg, pp, pp_rank)
+        self.model = _Model(cfg, lin, self.transformer_config, layers, self.first_stage, self.last_stage)
         if self.last_stage and not lin.te_fp8:
             self.lm_head = lin.column(cfg.hidden_size, cfg.vocab_size)
         elif self.last_stage:

@@ -50,7 +50,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.transformer_config import TransformerConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -307,21 +306,6 @@ class MegatronTrainer(Trainer):
         self.groups = groups
         self.precision = precision
         self._collective_backward = self.layout.ep > 1
-        # the config Megatron's pipeline schedule reads (its models pass their TransformerConfig)
-        self._schedule_config = TransformerConfig(
-            num_layers=cfg.num_hidden_layers,
-            hidden_size=cfg.hidden_size,
-            num_attention_heads=cfg.num_attention_heads,
-            tensor_model_parallel_size=self.layout.tp,
-            pipeline_model_parallel_size=self.layout.pp,
-            params_dtype=dtype,
-            pipeline_dtype=dtype,
-            bf16=dtype == torch.bfloat16,
-            variable_seq_lengths=True,  # micro-batches differ in rows and length: send shapes first
-            moe_token_dispatcher_type="alltoall",  # what the MoE layers do (Megatron checks it with the above)
-            calculate_per_token_loss=True,  # the Trainer's loss is already normalised over the whole step
-            perform_initialization=False,
-        )
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         out = super().train_step(batch)
@@ -410,7 +394,7 @@ class MegatronTrainer(Trainer):
         get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iter(micro),
-            model=_ScheduledStage(model, self._schedule_config),
+            model=_ScheduledStage(model),
             num_microbatches=len(micro),
             seq_length=0,  # unused: with variable_seq_lengths each tensor's shape is sent ahead of it
             micro_batch_size=0,
@@ -534,8 +518,8 @@ class _ScheduledStage:
 
     model_type = ModelType.encoder_or_decoder
 
-    def __init__(self, stage: ParallelRingLinear, config: TransformerConfig):
-        self.config = config
+    def __init__(self, stage: ParallelRingLinear):
+        self.config = stage.transformer_config
         self.set_input_tensor = stage.set_input_tensor
 
 

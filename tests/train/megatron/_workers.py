@@ -50,7 +50,7 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
 
     from rlplat.models.config import RingLinearConfig
     from rlplat.train.megatron.layout import shard_state
-    from rlplat.train.megatron.model import ParallelRingLinear
+    from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
     from rlplat.train.megatron.trainer import MegatronGroups, _hf_source, gather_full, init_megatron
 
     hf = inputs["hf_dir"]
@@ -80,7 +80,15 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     dist.all_gather_object(all_logp, (rows, logp.detach()))
     if dist.get_rank() == 0:
         torch.save(
-            {"loss": total, "logp": all_logp, "grads": full_grads, "grad_norm": groups.last_grad_norm},
+            {
+                "loss": total,
+                "logp": all_logp,
+                "grads": full_grads,
+                "grad_norm": groups.last_grad_norm,
+                "dispatchers": {
+                    type(m.dispatcher).__name__ for m in model.modules() if isinstance(m, ParallelMoE)
+                },
+            },
             out / f"module-{name}.pt",
         )
 

@@ -20,7 +20,7 @@ def test_bench_runs_and_reports_alignment(tmp_path, monkeypatch):
     previous = kernels.get_mode()
     try:
         args = ["--preset", "tiny", "--precisions", "bf16,fp8", "--fp8-recipe", "kernels", "--batch", "2"]
-        args += ["--seq-len", "8", "--repeats", "1", "--loss-steps", "2", "--out", str(tmp_path)]
+        args += ["--seq-len", "8", "--repeats", "1", "--loss-steps", "4", "--out", str(tmp_path)]
         results = main(args)
     finally:
         ps.destroy_model_parallel()

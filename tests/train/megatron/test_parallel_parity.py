@@ -30,6 +30,8 @@ def test_loss_and_logprobs_match_one_process(runs, reference, layout):
         logp[rows] = part
     assert torch.isfinite(logp).all(), "some rows were not computed by any data-parallel rank"
     torch.testing.assert_close(r["loss"], reference.loss, rtol=1e-6, atol=0)
+    # experts over ranks go through Megatron's all-to-all dispatcher; without that there is nothing to send
+    assert r["dispatchers"] == {"MoEAlltoAllTokenDispatcher" if "ep2" in layout else "NoneType"}
     if layout == "ep2":
         assert torch.equal(logp, reference.logp)
     else:
