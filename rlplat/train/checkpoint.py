@@ -1,11 +1,12 @@
 """Exact, atomic trainer checkpoints, HF export, and Warmup-Stable-Merge checkpoint averaging.
 
-A checkpoint is a directory ``<root>/step-<k>/`` holding ``trainer.pt`` (model, fp32 master weights,
-optimizer, reference model, step, version), ``rng.pt`` (torch CPU, CUDA, python ``random``, numpy), ``meta.json``
+A checkpoint is a directory ``<root>/step-<k>/`` holding ``trainer.pt`` (model, fp32 master weights and
+AdamW moments per parameter, reference model, step, version), ``rng.pt`` (torch CPU, CUDA, python ``random``, numpy), ``meta.json``
 (step, version, the caller's data position) and, on request, ``hf/`` (``save_pretrained``). It is written
 into a temporary sibling directory and renamed into place, then ``<root>/latest`` is replaced atomically; a
 crash at any point leaves the previous checkpoint as the latest, never a half-written one. Under data
-parallelism only rank 0 writes (every rank holds the same weights and optimizer state).
+parallelism only rank 0 writes (every rank holds the same weights; the optimizer's shards are gathered first,
+so a checkpoint does not depend on the number of ranks).
 
 Resume is exact: a run stopped after step k and resumed from its checkpoint ends bitwise equal to a run that
 never stopped (tested on CPU), because every tensor of the training state is saved as is and every random
@@ -86,12 +87,13 @@ def save_checkpoint(
     ``data_position`` is any JSON-serialisable value (e.g. the index of the next batch) handed back by
     ``load_checkpoint``. Ranks other than 0 write nothing and return None.
     """
-    if trainer.dp.rank != 0:
-        return None
     try:
         json.dumps(data_position)
     except TypeError as err:
         raise ValueError(f"data_position must be JSON-serialisable, got {data_position!r}") from err
+    state = trainer.state_dict()  # a collective: gathers the optimizer's shards from data-parallel ranks
+    if trainer.dp.rank != 0:
+        return None
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{trainer.step:08d}"
@@ -99,7 +101,6 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        state = trainer.state_dict()
         if not trainer.config.checkpoint.save_optimizer:
             state["optimizer"] = None
         torch.save(state, tmp / TRAINER_FILE)

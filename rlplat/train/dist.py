@@ -36,6 +36,10 @@ class DataParallel:
         """Row indices of this rank: contiguous, sizes differ by at most one (a rank may get none)."""
         return torch.tensor_split(torch.arange(num_rows), self.world_size)[self.rank]
 
+    def shard_group(self, param_index: int) -> DataParallel:
+        """The ranks that share parameter ``param_index``'s optimizer state (``rlplat.train.optim``): all."""
+        return self
+
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce (SUM or MAX); returns ``t``. A no-op for one rank."""
         if self.enabled:

@@ -16,8 +16,10 @@ Deviations and choices, on purpose:
 - Corrections (TIS, IcePop, MIS) compare pi_old with pi_rollout, both known before the first micro-batch, so
   the loss mask and therefore the global normaliser are exact. With ``use_rollout_logp_as_old`` they are
   identities, as they should be for an exact backend.
-- bf16 and FP8 train with fp32 master weights: AdamW and gradient accumulation run in fp32, and the bf16
+- Every precision trains with fp32 master weights: AdamW and gradient accumulation run in fp32, and the
   model weights (what the rollout gets from ``export_weights``) are the master weights rounded once per step.
+  Masters and AdamW moments are sharded over data-parallel ranks (``rlplat.train.optim.ShardedAdamW``, the
+  layout of Megatron's distributed optimizer); the updated weights do not depend on the number of ranks.
 - The kernel mode defaults to the process-wide one, batch-invariant in RL, so ``compute_logprobs`` and the
   training forward give the rollout's log-probs bitwise. Its linear attention is a token-by-token recurrence:
   exact but slow for long sequences (autograd keeps every step). ``trainer.batch_invariant: false`` trains
@@ -53,6 +55,7 @@ from rlplat.train.batch import TrainBatch
 from rlplat.train.config import TrainerConfig
 from rlplat.train.dist import DataParallel
 from rlplat.train.experts import ExpertLoadCounter
+from rlplat.train.optim import ShardedAdamW
 
 
 def weight_buckets(
@@ -176,23 +179,12 @@ class Trainer:
         self.params = [p for _, p in model.named_parameters()]
         for p in self.params:
             p.requires_grad_(True)
-        # fp32 master weights for bf16/FP8 (see module docstring); fp32 trains the parameters themselves.
-        self.separate_master = any(p.dtype != torch.float32 for p in self.params)
-        self.master = (
-            [p.detach().float().clone() for p in self.params] if self.separate_master else self.params
-        )
+        # fp32 master weights and AdamW state, sharded over data-parallel ranks (rlplat.train.optim)
         cfg = self.config
-        decay = [m for m in self.master if m.dim() >= 2]
-        no_decay = [m for m in self.master if m.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-        )
+        self.optimizer = ShardedAdamW(
+            self.params, self.dp.shard_group, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+        )  # fmt: skip
         self.reference = None
         if self.algo.kl.mode != "none":
             self.reference = copy.deepcopy(model).eval()
@@ -246,7 +238,6 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "master": [m.detach().clone() for m in self.master] if self.separate_master else None,
             "optimizer": self.optimizer.state_dict(),
             "reference": self.reference.state_dict() if self.reference is not None else None,
             "step": self.step,
@@ -266,10 +257,6 @@ class Trainer:
         if (state["reference"] is None) != (self.reference is None):
             raise ValueError("checkpoint and trainer disagree on whether KL to a reference model is on")
         self.model.load_state_dict(state["model"])
-        with torch.no_grad():
-            if self.separate_master:
-                for m, saved in zip(self.master, state["master"], strict=True):
-                    m.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
@@ -332,7 +319,7 @@ class Trainer:
                 f"step {self.step}: the loss is NaN/inf on some micro-batch; the step was refused and weights, "
                 "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
             )
-        grads = [m.grad if m.grad is not None else torch.zeros_like(m) for m in self.master]
+        grads = self.optimizer.grads()
         self.dp.all_reduce_tensors(grads)
         grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if not torch.isfinite(grad_norm):
@@ -341,19 +328,10 @@ class Trainer:
                 f"step {self.step}: the gradient norm is {grad_norm.item()}; the step was refused and weights, "
                 "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
             )
-        for m, g in zip(self.master, grads, strict=True):
-            m.grad = g
         if self.config.grad_clip is not None:
-            torch.nn.utils.clip_grads_with_norm_(self.master, self.config.grad_clip, grad_norm)
+            self.optimizer.scale_grads((self.config.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
         lr = self._lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.separate_master:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master, strict=True):
-                    p.copy_(m)
+        self.optimizer.step(lr)
         counts = list(self.expert_load.counts.values())
         self.dp.all_reduce_tensors(counts)
         if self.config.expert_bias_update_rate > 0:
@@ -539,18 +517,10 @@ class Trainer:
                     continue
                 loss = logp_full.sum() * 0.0  # the step is refused after; the backward only pairs up
             loss.backward()
-            if self.separate_master:
-                for p, m in zip(self.params, self.master, strict=True):
-                    if p.grad is not None:
-                        self._to_master(p, m)
+            for i, p in enumerate(self.params):
+                if p.grad is not None:
+                    self.optimizer.accumulate(i)
         return finite
-
-    @staticmethod
-    def _to_master(p: torch.Tensor, m: torch.Tensor) -> None:
-        """Move a low-precision parameter's gradient into its fp32 master's, summed over micro-batches."""
-        g = p.grad.float()
-        m.grad = g if m.grad is None else m.grad.add_(g)
-        p.grad = None
 
     def _micro_loss(
         self, batch, logp_full, ent_full, T_mb, rows, adv_BT, old_BT, rollout_BT, loss_mask_BT, mask_BT,
@@ -607,10 +577,7 @@ class Trainer:
         return loss
 
     def _discard_grads(self) -> None:
-        for p in self.params:
-            p.grad = None
-        for m in self.master:
-            m.grad = None
+        self.optimizer.zero_grad()
 
     def _lr(self) -> float:
         cfg, k = self.config, self.step + 1  # this step's number, from 1

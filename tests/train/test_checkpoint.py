@@ -23,11 +23,11 @@ def next_batch(make_batch):
 
 def full_state(trainer):
     state = {f"model.{k}": v for k, v in trainer.model.state_dict().items()}
-    for i, m in enumerate(trainer.master):
-        state[f"master.{i}"] = m
-    for i, s in trainer.optimizer.state.items():
-        for k, v in s.items():
-            state[f"opt.{i}.{k}"] = v
+    opt = trainer.optimizer.state_dict()
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        for i, t in enumerate(opt[key]):
+            state[f"{key}.{i}"] = t
+    state["opt.step"] = torch.tensor(opt["step"])
     return state
 
 

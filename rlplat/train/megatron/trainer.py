@@ -26,9 +26,11 @@ computes each micro-batch's loss with the Trainer's ``_micro_loss``, so the loss
 without stages. Results only the last stage has — log-probs (old, reference) and the step's metrics — are
 broadcast over the pipeline group, so every rank returns the same answer.
 
-Deviations, on purpose: AdamW runs on fp32 master copies held per rank (Megatron's distributed optimizer,
-which shards them over data-parallel ranks, is not used); the aux-loss-free expert-bias update is refused
-(``layout.check_layout``). Under expert parallelism every rank
+The optimizer is the Trainer's: AdamW on fp32 masters sharded as Megatron's distributed optimizer shards them
+(``rlplat.train.optim``; ``MegatronGroups.shard_group``: dense tensors over the data-parallel group, routed
+experts over the expert-data-parallel group), not Megatron's ``DistributedOptimizer`` class (CUDA tensors
+only, and its own clipping and NaN handling). Deviation, on purpose: the aux-loss-free expert-bias update
+is refused (``layout.check_layout``). Under expert parallelism every rank
 must run the same number of forwards and backwards (the all-to-alls pair them up): micro-batches are split
 until all ranks have as many as the busiest one, and a rank whose log-probs went NaN/inf still runs its
 backward (on a zero loss) before every rank refuses the step with ``NonFiniteError``.
@@ -122,6 +124,8 @@ class MegatronGroups:
         self.ep_group = ps.get_expert_model_parallel_group()
         self.edp_group = ps.get_expert_data_parallel_group()
         self.pp_group = ps.get_pipeline_model_parallel_group()
+        # routed experts are replicated over the expert-data-parallel group, the rest over data-parallel ranks
+        self._edp = DataParallel(ps.get_expert_data_parallel_rank(), self.edp_group.size(), self.edp_group)
         tp_rank = ps.get_tensor_model_parallel_rank()
         # with tp = ep = pp = 1 every rank holds every tensor, so the Trainer's own norm and clip are global
         self.model_parallel = any(g.size() > 1 for g in (self.tp_group, self.ep_group, self.pp_group))
@@ -142,6 +146,9 @@ class MegatronGroups:
 
     def shard(self, num_rows: int) -> torch.Tensor:
         return self._dp.shard(num_rows)
+
+    def shard_group(self, param_index: int) -> DataParallel:
+        return self._edp if self.expert[param_index] else self._dp
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self._dp.all_reduce(t, op)
@@ -338,10 +345,11 @@ class MegatronTrainer(Trainer):
             args = micro_args(next(data))
             return self._stage_step(self.model, batch, args[0], partial(loss_func, args))
 
-        hooks = []
-        if self.separate_master:  # each micro-batch's gradient into the fp32 master as it arrives
-            for p, m in zip(self.params, self.master, strict=True):
-                hooks.append(p.register_post_accumulate_grad_hook(partial(self._to_master, m=m)))
+        # the schedule runs the backwards: each micro-batch's gradient goes to the fp32 buffer as it arrives
+        hooks = [
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self.optimizer.accumulate(i))
+            for i, p in enumerate(self.params)
+        ]
         try:
             self._run_pipeline(self.model, forward_step, micro, forward_only=False)
         finally:
@@ -465,11 +473,11 @@ class MegatronTrainer(Trainer):
                 {**job, "param_names": None, "optimizer": "in trainer-tp*-ep*-pp*.pt"}, tmp / TRAINER_FILE
             )
         dist.barrier()
+        state = self.state_dict()  # a collective: gathers the optimizer's shards over data-parallel ranks
         if self._writes_shard():
             tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
             local = {k: v.detach().contiguous().cpu() for k, v in self.model.local_state().items()}
             save_file(local, str(tmp / f"model-{tag}.safetensors"), metadata={"format": "pt"})
-            state = self.state_dict()
             state.pop("model")
             if not self.config.checkpoint.save_optimizer:
                 state["optimizer"] = None

@@ -26,6 +26,9 @@ LAYOUTS = {
     "ep2": dict(tp=1, ep=2, dp=2),
     "tp2ep2": dict(tp=2, ep=2, dp=1),
     "pp2": dict(tp=1, ep=1, dp=1, pp=2),
+    "dp2": dict(
+        tp=1, ep=1, dp=2
+    ),  # experts and dense tensors' optimizer state over two groups of the same ranks
 }
 # 9 rows in micro-batches of 2 with a KL term (the reference model is a copy of the parallel model). EP=2:
 # ranks get 5 and 4 rows, 3 and 2 micro-batches, so the trainer must even them out for the all-to-alls.
@@ -181,13 +184,25 @@ def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     position = trainer.load_checkpoint(str(out / f"ckpt-{name}"))
     restored, restored_version = trainer.export_weights()
     logp_restored, _ = trainer.compute_logprobs(inputs["batch"])
+    # (parameters on this rank, the ones whose masters and moments it keeps: expert and dense)
+    held = {
+        kind: (
+            sum(p.numel() for n, p in trainer.model.named_parameters() if (".mlp.experts." in n) == expert),
+            sum(
+                b.master.numel() for b in trainer.optimizer.buckets if (b.dp is trainer.groups._edp) == expert
+            ),
+        )
+        for kind, expert in (("expert", True), ("dense", False))
+    }
+    sharding = [None] * dist.get_world_size()
+    dist.all_gather_object(sharding, held)
     if dist.get_rank() == 0:
         torch.save(
             {
                 "before": before, "after": after, "version": version, "metrics": metrics, "logp0": logp0,
                 "logp1": logp1, "logp_restored": logp_restored, "restored": restored,
                 "restored_version": restored_version, "position": position, "ckpt": str(ckpt),
-                "buckets": buckets,
+                "buckets": buckets, "sharding": sharding,
             },
             out / f"trainer-{name}.pt",
         )  # fmt: skip

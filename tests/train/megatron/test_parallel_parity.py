@@ -14,7 +14,9 @@ import pytest
 import torch
 
 LAYOUTS = ("tp2", "ep2", "tp2ep2")  # (tensor, expert, data) = (2, 1, 1), (1, 2, 2), (2, 2, 1)
-TRAINER_LAYOUTS = (*LAYOUTS, "pp2")  # and (pipeline) = 2: a stage has no forward of its own, so trainer level
+# and (pipeline) = 2: a stage has no forward of its own, so trainer level; and (data) = 2 alone, where dense
+# tensors and experts shard their optimizer state over two groups of the same two ranks
+TRAINER_LAYOUTS = (*LAYOUTS, "pp2", "dp2")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,3 +113,15 @@ def test_nan_on_one_expert_parallel_rank_refuses_the_step_everywhere(runs):
     r = runs.trainer("nan-ep2")
     assert all("NaN/inf" in o for o in r["outcomes"]), r["outcomes"]
     assert r["unchanged"]
+
+
+@pytest.mark.parametrize("layout", TRAINER_LAYOUTS)
+def test_optimizer_state_is_sharded_over_data_parallel_ranks(runs, layout):
+    """Masters and moments: dense tensors split over the data-parallel ranks, experts over the ranks that hold
+    the same experts (expert-data-parallel: tp × dp / ep, since experts are not split by tp), as Megatron's
+    distributed optimizer splits them. (dense, expert) group sizes per layout:"""
+    sizes = {"tp2": (1, 2), "ep2": (2, 1), "tp2ep2": (1, 1), "pp2": (1, 1), "dp2": (2, 2)}[layout]
+    for rank in runs.trainer(layout)["sharding"]:
+        for kind, ranks in zip(("dense", "expert"), sizes, strict=True):
+            params, held = rank[kind]
+            assert params / ranks <= held <= params / ranks + 2 * ranks, (kind, rank)

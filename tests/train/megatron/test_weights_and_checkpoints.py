@@ -12,7 +12,7 @@ from rlplat.models import load_pretrained
 from rlplat.train.megatron.convert import megatron_to_hf
 from rlplat.train.megatron.layout import ParallelLayout, check_checkpoint_layout
 
-LAYOUTS = ("tp2", "ep2", "tp2ep2")
+LAYOUTS = ("tp2", "ep2", "tp2ep2", "dp2")
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
