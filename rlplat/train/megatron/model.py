@@ -9,7 +9,8 @@ What is Megatron's and what is ours:
   gradients, all-reduce of row-parallel outputs), the autograd collectives of ``tensor_parallel.mappings``
   (first-dim scatter/gather), and ``MoEAlltoAllTokenDispatcher`` for expert parallelism (permutation by
   expert, split counts, the all-to-alls there and back, sorting by local expert), with
-  ``transformer_config`` describing the model to it.
+  ``transformer_config`` describing the model to it. Layers are built from Megatron ``ModuleSpec``s of our
+  blocks (``layer_spec``: linear or softmax attention, MoE or dense MLP), as Megatron builds its own.
 - rlplat's kernels: every op that defines per-token numerics — RMSNorm, partial RoPE, linear attention with
   its decays, the group-norm gate, softmax attention, the fp32 group-limited router, SwiGLU, the fused
   LM-head log-probs, and the local GEMM of each parallel linear (``_forward_impl`` is overridden). A
@@ -35,6 +36,8 @@ Megatron marks such parameters, and summed over the tensor-parallel group by the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.model_parallel_config import ModelParallelConfig
@@ -47,6 +50,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
@@ -181,7 +185,7 @@ def _mark_shared_by_heads(attention: nn.Module) -> None:
 
 
 class ParallelLinearAttention(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, layer_idx: int):
         super().__init__()
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
         H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
@@ -234,8 +238,9 @@ class ParallelSoftmaxAttention(nn.Module):
 class ParallelSwiGLU(nn.Module):
     """Dense or shared-expert SwiGLU: gate/up column-parallel, down row-parallel."""
 
-    def __init__(self, hidden: int, intermediate: int, lin: ParallelLinears):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, intermediate: int):
         super().__init__()
+        hidden = cfg.hidden_size
         self.gate_proj = lin.column(hidden, intermediate)
         self.up_proj = lin.column(hidden, intermediate)
         self.down_proj = lin.row(intermediate, hidden)
@@ -261,7 +266,7 @@ class ParallelMoE(nn.Module):
         for p in self.experts.parameters():
             p.allreduce = False  # Megatron's mark: reduced over the expert-data-parallel group
         self.shared_experts = (
-            ParallelSwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, lin)
+            ParallelSwiGLU(cfg, lin, cfg.shared_expert_intermediate_size)
             if cfg.num_shared_experts > 0
             else None
         )
@@ -337,22 +342,39 @@ class ParallelMoE(nn.Module):
         return torch.cat([self.experts[e](x) if len(x) else x for e, x in enumerate(parts)])
 
 
+@dataclass
+class DecoderLayerSubmodules:
+    """What a decoder layer is made of, as Megatron's layer specs say it: its token mixer and its MLP."""
+
+    attention: ModuleSpec
+    mlp: ModuleSpec
+
+
+def layer_spec(cfg: RingLinearConfig, layer_idx: int, tcfg: TransformerConfig) -> ModuleSpec:
+    """Layer ``layer_idx`` as a Megatron ``ModuleSpec``: linear attention with its group-norm gate or GQA
+    softmax attention (``cfg.is_softmax_layer``), then the routed MoE with its shared expert or a dense
+    SwiGLU (``cfg.is_moe_layer``). Built with ``build_module(spec, cfg=..., lin=...)``."""
+    attention = (
+        ModuleSpec(module=ParallelSoftmaxAttention)
+        if cfg.is_softmax_layer(layer_idx)
+        else ModuleSpec(module=ParallelLinearAttention, params={"layer_idx": layer_idx})
+    )
+    mlp = (
+        ModuleSpec(module=ParallelMoE, params={"tcfg": tcfg})
+        if cfg.is_moe_layer(layer_idx)
+        else ModuleSpec(module=ParallelSwiGLU, params={"intermediate": cfg.intermediate_size})
+    )
+    return ModuleSpec(module=ParallelDecoderLayer, submodules=DecoderLayerSubmodules(attention, mlp))
+
+
 class ParallelDecoderLayer(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int, lin: ParallelLinears, tcfg: TransformerConfig):
+    def __init__(self, cfg: RingLinearConfig, lin: ParallelLinears, submodules: DecoderLayerSubmodules):
         super().__init__()
         C = cfg.hidden_size
         self.input_layernorm = RMSNorm(C, cfg.rms_norm_eps)
-        self.attention = (
-            ParallelSoftmaxAttention(cfg, lin)
-            if cfg.is_softmax_layer(layer_idx)
-            else ParallelLinearAttention(cfg, layer_idx, lin)
-        )
+        self.attention = build_module(submodules.attention, cfg=cfg, lin=lin)
         self.post_attention_layernorm = RMSNorm(C, cfg.rms_norm_eps)
-        self.mlp = (
-            ParallelMoE(cfg, lin, tcfg)
-            if cfg.is_moe_layer(layer_idx)
-            else ParallelSwiGLU(C, cfg.intermediate_size, lin)
-        )
+        self.mlp = build_module(submodules.mlp, cfg=cfg, lin=lin)
 
     def forward(self, x, positions_BT, rope):
         h = x + self.attention(self.input_layernorm(x), positions_BT, rope)
@@ -376,7 +398,9 @@ class _Model(nn.Module):
                 config=lin.config,
                 tp_group=lin.tp_group,
             )
-        self.layers = nn.ModuleDict({str(i): ParallelDecoderLayer(cfg, i, lin, tcfg) for i in layers})
+        self.layers = nn.ModuleDict(
+            {str(i): build_module(layer_spec(cfg, i, tcfg), cfg=cfg, lin=lin) for i in layers}
+        )
         if last:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos, sin = rope_table(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_theta)
