@@ -83,6 +83,24 @@ class Runs:
     def trainer(self, layout: str) -> dict:
         return torch.load(self.out / f"trainer-{layout}.pt", weights_only=False)
 
+    # what the trainer runs used: optimizer settings and the batch
+    opt = OPT
+    batch = staticmethod(lambda: tiny_batch()[0])
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-process group for a Megatron trainer in this process, torn down after the test."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    yield
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
 
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory) -> Path:

@@ -14,20 +14,6 @@ from rlplat.engine.policy import build_policy
 from rlplat.train import TrainBatch, Trainer
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    from megatron.core import parallel_state as ps
-
-    from rlplat.train.dist import free_port
-
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    yield
-    ps.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _config(precision: str, **trainer) -> dict:
     trainer = {"backend": "megatron", "lr": 1e-3, **trainer}
     cfg = {"model": {"preset": "tiny", "precision": precision}, "trainer": trainer}

@@ -54,6 +54,34 @@ def test_checkpoint_converts_to_hf(runs, layout, tmp_path):
         assert torch.equal(state[name], w), name
 
 
+def test_checkpoint_resumes_under_another_data_parallel_size(runs, one_rank):
+    """The dp2 run's checkpoint holds the optimizer state whole (gathered from both ranks' halves): one process
+    loads it and takes the second step the torch Trainer takes (AdamW's second step reads both moments)."""
+    from rlplat.models.config import RingLinearConfig
+    from rlplat.train import Trainer, TrainerConfig
+    from rlplat.train.config import MegatronConfig
+    from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
+
+    batch = runs.batch()
+    torch_trainer = Trainer(load_pretrained(runs.hf_dir), None, TrainerConfig(**runs.opt))
+    for _ in range(2):
+        torch_trainer.train_step(batch)
+    expected, _ = torch_trainer.export_weights()
+
+    tcfg = TrainerConfig(backend="megatron", megatron=MegatronConfig(), **runs.opt)
+    init_megatron(RingLinearConfig.from_json(runs.hf_dir / "config.json"), tcfg, rank=0, world_size=1)
+    trainer = MegatronTrainer(runs.hf_dir, None, tcfg, precision="fp32")
+    trainer.load_checkpoint(runs.trainer("dp2")["ckpt"])
+    trainer.train_step(batch)
+    got, version = trainer.export_weights()
+    assert version == 2
+    first = runs.trainer("dp2")["after"]
+    for name, w in expected.items():
+        step, ref_step = got[name] - first[name], w - first[name]
+        tol = 1e-4 * float(ref_step.abs().max()) + 2.5e-7  # as test_train_step_matches_torch_trainer
+        torch.testing.assert_close(step, ref_step, rtol=0, atol=tol, msg=name)
+
+
 def test_checkpoint_under_other_sizes_is_refused(runs):
     ckpt = Path(runs.trainer("tp2")["ckpt"])
     check_checkpoint_layout(ckpt, ParallelLayout(tp=2, ep=1, dp=1))
