@@ -58,6 +58,10 @@ class DataParallel:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
+    def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
+        """Tokens per expert counted on this rank → over the whole step's batch (in place)."""
+        self.all_reduce_tensors(counts)
+
 
 def init_data_parallel(
     rank: int,

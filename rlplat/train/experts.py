@@ -35,8 +35,10 @@ def expert_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) 
 class ExpertLoadCounter:
     """Counts routed tokens per expert in every MoE layer while ``counting(valid_BT)`` is active."""
 
+    moe_types: tuple[type, ...] = (MoE,)  # modules with ``cfg`` and a ``gate`` router (``Router``)
+
     def __init__(self, model: nn.Module):
-        self.moes: dict[str, MoE] = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+        self.moes = {name: m for name, m in model.named_modules() if isinstance(m, self.moe_types)}
         self.counts: dict[str, torch.Tensor] = {}
         self._valid_N: torch.Tensor | None = None
         self._active = False
@@ -81,21 +83,29 @@ class ExpertLoadCounter:
                     cfg.norm_topk_prob,
                 )
                 if self._valid_N is not None:
-                    ids_Nk = ids_Nk[self._valid_N.to(ids_Nk.device)]
+                    ids_Nk = ids_Nk[self.routed_rows(self._valid_N).to(ids_Nk.device)]
                 self.counts[name] += torch.bincount(ids_Nk.reshape(-1), minlength=cfg.num_experts)
 
         return hook
 
+    def routed_rows(self, valid_N: torch.Tensor) -> torch.Tensor:
+        """Which rows the router saw are real tokens, from the forward's flattened mask: all of them here."""
+        return valid_N
+
     @torch.no_grad()
     def apply_update(self, rate: float) -> None:
-        """Apply the bias update from the current counts (all-reduce them first under data parallelism)."""
+        """Apply the bias update from the current counts (reduce them over ranks first: ``reduce_expert_counts``)."""
         for name, moe in self.moes.items():
             bias = moe.gate.expert_bias
             bias.copy_(expert_bias_update(bias, self.counts[name], rate))
 
     def imbalance(self) -> float:
         """Mean over MoE layers of max load / mean load (1.0 is perfectly balanced; 0 with no MoE layer)."""
-        ratios = [
+        ratios = self.load_ratios()
+        return float(torch.stack(ratios).mean()) if ratios else 0.0
+
+    def load_ratios(self) -> list[torch.Tensor]:
+        """max load / mean load of each MoE layer that routed tokens."""
+        return [
             c.max().float() / c.float().mean().clamp_min(1e-9) for c in self.counts.values() if c.sum() > 0
         ]
-        return float(torch.stack(ratios).mean()) if ratios else 0.0

@@ -145,6 +145,7 @@ class Trainer:
     # Whether the model's backward holds collectives across data-parallel ranks (expert all-to-alls): then a
     # rank whose micro-batch went non-finite still runs its backward, so the others' are not left waiting.
     _collective_backward = False
+    _load_counter = ExpertLoadCounter  # counts tokens per expert in the model's MoE layers
 
     def __init__(
         self,
@@ -189,7 +190,7 @@ class Trainer:
         if self.algo.kl.mode != "none":
             self.reference = copy.deepcopy(model).eval()
             self.reference.requires_grad_(False)
-        self.expert_load = ExpertLoadCounter(model)
+        self.expert_load = self._load_counter(model)
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -332,8 +333,7 @@ class Trainer:
             self.optimizer.scale_grads((self.config.grad_clip / (grad_norm + 1e-6)).clamp(max=1.0))
         lr = self._lr()
         self.optimizer.step(lr)
-        counts = list(self.expert_load.counts.values())
-        self.dp.all_reduce_tensors(counts)
+        self.dp.reduce_expert_counts(list(self.expert_load.counts.values()))
         if self.config.expert_bias_update_rate > 0:
             self.expert_load.apply_update(self.config.expert_bias_update_rate)
         self.step += 1
@@ -484,10 +484,14 @@ class Trainer:
         if not count:
             logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
             return logp_BT, ent_BT, T_mb
-        valid_BT = torch.arange(T_mb)[None, :] < self._forward_lengths(batch, rows)[:, None]
-        with self.expert_load.counting(valid_BT.to(self.device)):
+        with self._counting(batch, rows, T_mb):
             logp_BT, ent_BT = model.token_logprobs(ids_BT, tgt_BT)
         return logp_BT, ent_BT, T_mb
+
+    def _counting(self, batch: TrainBatch, rows: torch.Tensor, T_mb: int):
+        """Count the routed real tokens (each row's needed prefix) of a training forward of ``rows``."""
+        valid_BT = torch.arange(T_mb)[None, :] < self._forward_lengths(batch, rows)[:, None]
+        return self.expert_load.counting(valid_BT.to(self.device))
 
     def _logprobs(self, model, batch: TrainBatch, rows: torch.Tensor, grad: bool = False):
         """No-grad (logp, entropy) [len(rows), T] in fp32, micro-batched; 0 beyond each row's prefix."""

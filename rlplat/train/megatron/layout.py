@@ -115,11 +115,6 @@ def check_layout(
         )
     if C % tp:
         raise ValueError(f"{fix}.tensor_parallel_size={tp} does not divide hidden_size={C}")
-    if trainer_cfg.expert_bias_update_rate > 0:
-        raise ValueError(
-            "trainer.expert_bias_update_rate > 0 is not supported by backend megatron yet; set it to 0 "
-            "(the RL default) or use backend torch"
-        )
     if precision == "fp8" and trainer_cfg.megatron.fp8_recipe == "kernels" and tp > 1:
         _check_fp8_blocks(model_cfg, tp)
     if trainer_cfg.megatron.fp8_recipe == "te_blockwise":

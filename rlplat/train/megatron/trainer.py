@@ -29,8 +29,9 @@ broadcast over the pipeline group, so every rank returns the same answer.
 The optimizer is the Trainer's: AdamW on fp32 masters sharded as Megatron's distributed optimizer shards them
 (``rlplat.train.optim``; ``MegatronGroups.shard_group``: dense tensors over the data-parallel group, routed
 experts over the expert-data-parallel group), not Megatron's ``DistributedOptimizer`` class (CUDA tensors
-only, and its own clipping and NaN handling). Deviation, on purpose: the aux-loss-free expert-bias update
-is refused (``layout.check_layout``). Under expert parallelism every rank
+only, and its own clipping and NaN handling). Tokens per expert (the ``expert_load_imbalance`` metric and the
+aux-loss-free expert-bias update) are counted on each rank's routed slice and summed over tensor- and
+data-parallel ranks, so every rank of a stage updates its biases alike. Under expert parallelism every rank
 must run the same number of forwards and backwards (the all-to-alls pair them up): micro-batches are split
 until all ranks have as many as the busiest one, and a rank whose log-probs went NaN/inf still runs its
 backward (on a zero loss) before every rank refuses the step with ``NonFiniteError``.
@@ -38,6 +39,7 @@ backward (on a zero loss) before every rank refuses the step with ``NonFiniteErr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -63,6 +65,7 @@ from rlplat.train.batch import TrainBatch
 from rlplat.train.checkpoint import LATEST, META_FILE, TRAINER_FILE  # the names the torch backend uses
 from rlplat.train.config import TrainerConfig
 from rlplat.train.dist import DataParallel
+from rlplat.train.experts import ExpertLoadCounter
 from rlplat.train.megatron.layout import (
     LAYOUT_FILE,
     ParallelLayout,
@@ -75,7 +78,7 @@ from rlplat.train.megatron.layout import (
     unshard_tensor,
     write_layout,
 )
-from rlplat.train.megatron.model import ParallelRingLinear
+from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
 from rlplat.train.trainer import Trainer, _Sums, weight_buckets
 
 
@@ -153,9 +156,15 @@ class MegatronGroups:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self._dp.all_reduce(t, op)
 
+    def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
+        """Each tensor-parallel rank routes a slice of its rows' tokens (``ParallelMoE``): sum the slices,
+        then the data-parallel ranks' rows. Pipeline stages count their own layers."""
+        for c in counts:
+            dist.all_reduce(c, group=self.tp_group)
+        self._dp.all_reduce_tensors(counts)
+
     def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """The Trainer calls this with the master gradients (parameter order) or its expert-load counts,
-        which are empty here (``ParallelMoE`` is not the torch model's ``MoE``)."""
+        """The Trainer calls this with the fp32 gradients, one per parameter in parameter order."""
         if not tensors:
             return
         assert len(tensors) == len(self.expert), "expected one gradient per parameter, in parameter order"
@@ -281,8 +290,33 @@ def _gather_stage(
             yield name, t.cpu().clone()
 
 
+class _ParallelLoadCounter(ExpertLoadCounter):
+    """Tokens per expert on ``ParallelMoE`` routers, which see this tensor-parallel rank's slice of the
+    forward's tokens (padded to a multiple of tp, as ``ParallelMoE.forward`` scatters them)."""
+
+    moe_types = (ParallelMoE,)
+
+    def routed_rows(self, valid_N: torch.Tensor) -> torch.Tensor:
+        tp = ps.get_tensor_model_parallel_world_size()
+        padded = torch.cat([valid_N, valid_N.new_zeros(-len(valid_N) % tp)])
+        return padded.chunk(tp)[ps.get_tensor_model_parallel_rank()]
+
+    def imbalance(self) -> float:
+        """The mean over every stage's MoE layers (a collective over the pipeline group)."""
+        group = ps.get_pipeline_model_parallel_group()
+        if group.size() == 1:
+            return super().imbalance()
+        ratios = self.load_ratios()
+        device = next(iter(self.moes.values())).gate.expert_bias.device if self.moes else None
+        total = torch.tensor([float(sum(ratios)), len(ratios)], dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=group)
+        return float(total[0] / total[1]) if total[1] > 0 else 0.0
+
+
 class MegatronTrainer(Trainer):
     """``TrainerBackend`` on Megatron-core: call ``init_megatron`` in every rank first, then build this."""
+
+    _load_counter = _ParallelLoadCounter
 
     def __init__(
         self,
@@ -343,7 +377,7 @@ class MegatronTrainer(Trainer):
 
         def forward_step(data: Iterator[torch.Tensor], _model):
             args = micro_args(next(data))
-            return self._stage_step(self.model, batch, args[0], partial(loss_func, args))
+            return self._stage_step(self.model, batch, args[0], partial(loss_func, args), count=True)
 
         # the schedule runs the backwards: each micro-batch's gradient goes to the fp32 buffer as it arrives
         hooks = [
@@ -385,12 +419,16 @@ class MegatronTrainer(Trainer):
         dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(), group=self.groups.pp_group)
         return out[0], out[1]
 
-    def _stage_step(self, model: ParallelRingLinear, batch: TrainBatch, rows: torch.Tensor, finish: Callable):
+    def _stage_step(
+        self, model: ParallelRingLinear, batch: TrainBatch, rows: torch.Tensor, finish: Callable,
+        count: bool = False,
+    ):  # fmt: skip
         """One micro-batch through this stage, as the schedule's ``forward_step`` returns it: hidden states for
         the next stage, or on the last stage (log-probs, entropies) with ``finish(T_mb, outputs)`` as the loss
-        function."""
+        function. ``count``: the training forward, whose routed tokens the expert-load counter counts."""
         ids_BT, tgt_BT, T_mb = self._inputs(batch, rows)
-        h = model.stage_forward(ids_BT)
+        with self._counting(batch, rows, T_mb) if count else contextlib.nullcontext():
+            h = model.stage_forward(ids_BT)
         if not model.last_stage:
             return h, None
         return model.logprobs_from_hidden(h, tgt_BT), partial(finish, T_mb)

@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 # gradients flips whole steps; eps=1 makes it a gradient step, as well conditioned as the gradient. lr=1 makes
 # the steps (clipped gradients, ~1e-5 to 1e-2) large next to the fp32 spacing of the weights (~2e-9).
 LR = 1.0
-OPT = {"lr": LR, "eps": 1.0}
+OPT = {"lr": LR, "eps": 1.0, "expert_bias_update_rate": 1e-3}  # the biases move too: counts must agree
 
 
 def tiny_hf(path: Path) -> Path:

@@ -123,12 +123,6 @@ def test_fp8_shards_must_not_split_fp8_blocks():
         check_layout(preset(name), _cfg(tp=tp, dp=8 // tp), precision="fp8")
 
 
-def test_expert_bias_update_is_refused():
-    cfg = _cfg().model_copy(update={"expert_bias_update_rate": 1e-3})
-    with pytest.raises(ValueError, match="expert_bias_update_rate > 0 is not supported by backend megatron"):
-        check_layout(preset("tiny"), cfg)
-
-
 def test_megatron_section_needs_the_megatron_backend():
     with pytest.raises(ValueError, match=r"set trainer\.backend: megatron"):
         TrainerConfig(megatron=MegatronConfig(tensor_parallel_size=2))
