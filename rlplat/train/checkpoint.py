@@ -85,13 +85,15 @@ def save_checkpoint(
     """Write ``<root>/step-<k>`` atomically and point ``<root>/latest`` at it; returns its path.
 
     ``data_position`` is any JSON-serialisable value (e.g. the index of the next batch) handed back by
-    ``load_checkpoint``. Ranks other than 0 write nothing and return None.
+    ``load_checkpoint``. Every data-parallel rank must call it (it gathers the optimizer's shards); ranks
+    other than 0 write nothing and return None.
     """
     try:
         json.dumps(data_position)
     except TypeError as err:
         raise ValueError(f"data_position must be JSON-serialisable, got {data_position!r}") from err
-    state = trainer.state_dict()  # a collective: gathers the optimizer's shards from data-parallel ranks
+    # a collective: the optimizer's shards are gathered from the data-parallel ranks, kept by rank 0 only
+    state = trainer.state_dict(keep_optimizer=trainer.dp.rank == 0)
     if trainer.dp.rank != 0:
         return None
     root = Path(root)
@@ -152,7 +154,8 @@ def load_checkpoint(trainer: Trainer, path: str | Path, restore_rng: bool = True
         path = resolved
     if not (path / TRAINER_FILE).exists():
         raise ValueError(f"{path} is not a trainer checkpoint (no {TRAINER_FILE}); pass a step-* directory")
-    state = torch.load(path / TRAINER_FILE, map_location=trainer.device, weights_only=True)
+    # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
+    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
     if state["optimizer"] is None:
         raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
     trainer.load_state_dict(state)

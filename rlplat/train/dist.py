@@ -3,7 +3,8 @@
 Each rank receives the same global ``TrainBatch`` and computes the same advantages, filters and shard plan
 (cheap, and it keeps group statistics global), then trains on its own rows. Per optimizer step there are
 three SUM all-reduces — the loss normaliser (``rlplat.algos.aggregation``), the gradients and the expert
-token counts — plus one MAX for the non-finite-loss flag and one SUM for the metrics. Summing per-rank
+token counts — plus one MAX for the non-finite-loss flag and one SUM for the metrics, and the all-gather of
+the updated weights from the ranks' optimizer shards (``rlplat.train.optim``; one per bucket). Summing per-rank
 gradients of losses that are already divided by the global normaliser gives exactly the single-process
 gradient of the whole batch, up to fp32 summation order.
 
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as torch_dist
+
+if TYPE_CHECKING:
+    from rlplat.train.optim import ShardedAdamW
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class DataParallel:
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
+
+    def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
+        """SUM the fp32 gradients over ranks, in place in the optimizer's flat buffers (no extra copy)."""
+        if self.enabled:
+            for b in optimizer.buckets:
+                torch_dist.all_reduce(b.grad, op=torch_dist.ReduceOp.SUM, group=b.dp.group)
 
     def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
         """Tokens per expert counted on this rank → over the whole step's batch (in place)."""

@@ -6,7 +6,7 @@ backend; for Megatron, dense tensors over the data-parallel group and routed exp
 expert-data-parallel group, whose ranks hold the same experts. A bucket keeps
 
 - one flat fp32 gradient buffer for all its parameters (every rank, all of it): micro-batch gradients are
-  added into it, and the caller reduces it over ranks through per-parameter views (``grads``);
+  added into it, and the caller reduces it over ranks (in place; Megatron per parameter through ``grads``);
 - the fp32 master weights and AdamW's two moments of a contiguous 1/W of it (W ranks in its group).
 
 After AdamW updates its slice, each rank all-gathers the updated slices into the gradient buffer, which is
@@ -44,10 +44,6 @@ class _Bucket:
     lo: int
     hi: int
     master: torch.Tensor = field(init=False)  # fp32 [hi - lo]: this rank's slice of the weights
-
-    def chunks(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Each rank's slice of a flat buffer, in rank order (all-gather targets)."""
-        return list(flat.chunk(self.dp.world_size))
 
     def take_slice(self, tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
         """Write this rank's slice of the flattened ``tensors`` (one per parameter) into ``out``, parameter
@@ -148,32 +144,42 @@ class ShardedAdamW:
     def _gather(self, b: _Bucket, mine: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if b.dp.world_size == 1:
             out.copy_(mine)
-        else:
-            dist.all_gather(b.chunks(out), mine.contiguous(), group=b.dp.group)
+        else:  # into the flat buffer itself: ranks' slices are consecutive, in rank order
+            dist.all_gather_single(out, mine.contiguous(), group=b.dp.group)
         return out
 
     # -- checkpoints: per parameter, whole (independent of the number of ranks) ---------------------------------
 
     @torch.no_grad()
-    def state_dict(self) -> dict[str, Any]:
-        """Masters and moments per parameter, on the CPU. A collective: every rank of every group calls it."""
+    def state_dict(self, keep: bool = True) -> dict[str, Any] | None:
+        """Masters and moments per parameter, on the CPU. A collective: every rank of every group calls it;
+        ranks that write nothing pass ``keep=False`` and get None (no host copy of the whole state)."""
         out: dict[str, Any] = {"step": self.steps, "master": {}, "exp_avg": {}, "exp_avg_sq": {}}
         for b in self.buckets:
             state = self.optimizer.state.get(b.master, {})
+            sizes = [v.numel() for v in b.views]
             for key in ("master", "exp_avg", "exp_avg_sq"):
                 mine = b.master if key == "master" else state.get(key, torch.zeros_like(b.master))
-                full = self._gather(b, mine, torch.empty_like(b.grad))
-                for i, view in zip(b.index, full[: sum(v.numel() for v in b.views)].split(
-                    [v.numel() for v in b.views]
-                ), strict=True):  # fmt: skip
-                    out[key][i] = view.view_as(self.params[i]).cpu().clone()
+                full = self._gather(b, mine, b.grad)  # spent between steps: zero before and after
+                if keep:
+                    for i, t in zip(b.index, full[: sum(sizes)].split(sizes), strict=True):
+                        out[key][i] = t.view_as(self.params[i]).cpu().clone()
+            b.grad.zero_()
+        if not keep:
+            return None
         for key in ("master", "exp_avg", "exp_avg_sq"):
             out[key] = [out[key][i] for i in range(len(self.params))]
         return out
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Take this rank's slices of ``state_dict``'s per-parameter tensors."""
+        """Take this rank's slices of ``state_dict``'s per-parameter tensors (on any device)."""
+        if "master" not in state:
+            raise ValueError(
+                "this checkpoint's optimizer state predates sharded optimizer state (rlplat.train.optim) and "
+                "cannot be resumed; start a new run from its weights (checkpoint.export_hf, or the trainer's "
+                "model state) instead"
+            )
         for key in ("master", "exp_avg", "exp_avg_sq"):
             if len(state[key]) != len(self.params):
                 raise ValueError(

@@ -236,10 +236,12 @@ class Trainer:
 
         return load_checkpoint(self, path)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, keep_optimizer: bool = True) -> dict[str, Any]:
+        """Everything a checkpoint holds. A collective under data parallelism (the optimizer's shards are
+        gathered); ranks that write nothing pass ``keep_optimizer=False`` and get ``optimizer: None``."""
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict(keep=keep_optimizer),
             "reference": self.reference.state_dict() if self.reference is not None else None,
             "step": self.step,
             "version": self._version,
@@ -320,8 +322,8 @@ class Trainer:
                 f"step {self.step}: the loss is NaN/inf on some micro-batch; the step was refused and weights, "
                 "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
             )
+        self.dp.all_reduce_grads(self.optimizer)
         grads = self.optimizer.grads()
-        self.dp.all_reduce_tensors(grads)
         grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if not torch.isfinite(grad_norm):
             self._discard_grads()

@@ -137,6 +137,9 @@ class ParallelLinears:
                 fp8="e4m3",
                 fp8_recipe="blockwise",
                 perform_initialization=False,
+                # TE would keep the FP8 weights quantised at the first forward (is_first_microbatch) until told
+                # that a new step began, which only Megatron's own training loop does: quantise every forward.
+                disable_parameter_transpose_cache=True,
             )
         else:
             self.config = ModelParallelConfig(

@@ -79,6 +79,7 @@ from rlplat.train.megatron.layout import (
     write_layout,
 )
 from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
+from rlplat.train.optim import ShardedAdamW
 from rlplat.train.trainer import Trainer, _Sums, weight_buckets
 
 
@@ -116,7 +117,8 @@ def init_megatron(
 
 class MegatronGroups:
     """The Trainer's data-parallel interface (``rank``, ``world_size``, ``shard``, ``all_reduce``,
-    ``all_reduce_tensors``) over Megatron's groups; gradients are routed per parameter (module docstring)."""
+    ``all_reduce_grads``, ``reduce_expert_counts``, ``shard_group``) over Megatron's groups; gradients are
+    routed per parameter (module docstring), optimizer state is sharded per group (``shard_group``)."""
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], grad_clip: float | None):
         self.rank = ps.get_data_parallel_rank()
@@ -163,8 +165,11 @@ class MegatronGroups:
             dist.all_reduce(c, group=self.tp_group)
         self._dp.all_reduce_tensors(counts)
 
+    def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
+        self.all_reduce_tensors(optimizer.grads())
+
     def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """The Trainer calls this with the fp32 gradients, one per parameter in parameter order."""
+        """The fp32 gradients, one per parameter in parameter order: reduced, then clipped by the global norm."""
         if not tensors:
             return
         assert len(tensors) == len(self.expert), "expected one gradient per parameter, in parameter order"
@@ -307,7 +312,9 @@ class _ParallelLoadCounter(ExpertLoadCounter):
         if group.size() == 1:
             return super().imbalance()
         ratios = self.load_ratios()
-        device = next(iter(self.moes.values())).gate.expert_bias.device if self.moes else None
+        device = (
+            torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        )  # nccl: a stage may lack MoE
         total = torch.tensor([float(sum(ratios)), len(ratios)], dtype=torch.float64, device=device)
         dist.all_reduce(total, group=group)
         return float(total[0] / total[1]) if total[1] > 0 else 0.0
@@ -511,8 +518,9 @@ class MegatronTrainer(Trainer):
                 {**job, "param_names": None, "optimizer": "in trainer-tp*-ep*-pp*.pt"}, tmp / TRAINER_FILE
             )
         dist.barrier()
-        state = self.state_dict()  # a collective: gathers the optimizer's shards over data-parallel ranks
-        if self._writes_shard():
+        writer = self._writes_shard()
+        state = self.state_dict(keep_optimizer=writer)  # a collective: gathers the optimizer's shards
+        if writer:
             tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
             local = {k: v.detach().contiguous().cpu() for k, v in self.model.local_state().items()}
             save_file(local, str(tmp / f"model-{tag}.safetensors"), metadata={"format": "pt"})
@@ -541,7 +549,8 @@ class MegatronTrainer(Trainer):
             path = path / (path / LATEST).read_text().strip()
         check_checkpoint_layout(path, self.layout)
         tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
-        state = torch.load(path / f"trainer-{tag}.pt", map_location=self.device, weights_only=True)
+        # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
+        state = torch.load(path / f"trainer-{tag}.pt", map_location="cpu", weights_only=True)
         if state["optimizer"] is None:
             raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
         # Trainer.load_state_dict loads the module strictly; Megatron's layers default their _extra_state
