@@ -1,12 +1,12 @@
 """Exact, atomic trainer checkpoints, HF export, and Warmup-Stable-Merge checkpoint averaging.
 
 A checkpoint is a directory ``<root>/step-<k>/`` holding ``trainer.pt`` (model, fp32 master weights and
-AdamW moments per parameter, reference model, step, version), ``rng.pt`` (torch CPU, CUDA, python ``random``, numpy), ``meta.json``
-(step, version, the caller's data position) and, on request, ``hf/`` (``save_pretrained``). It is written
-into a temporary sibling directory and renamed into place, then ``<root>/latest`` is replaced atomically; a
-crash at any point leaves the previous checkpoint as the latest, never a half-written one. Under data
-parallelism only rank 0 writes (every rank holds the same weights; the optimizer's shards are gathered first,
-so a checkpoint does not depend on the number of ranks).
+AdamW moments per parameter, reference model, step, version), ``rng.pt`` (torch CPU, CUDA, python
+``random``, numpy), ``meta.json`` (step, version, the caller's data position) and, on request, ``hf/``
+(``save_pretrained``). It is written into a temporary sibling directory and renamed into place, then
+``<root>/latest`` is replaced atomically; a crash at any point leaves the previous checkpoint as the latest,
+never a half-written one. Under data parallelism only rank 0 writes (every rank holds the same weights; the
+optimizer's shards are gathered first, so a checkpoint does not depend on the number of ranks).
 
 Resume is exact: a run stopped after step k and resumed from its checkpoint ends bitwise equal to a run that
 never stopped (tested on CPU), because every tensor of the training state is saved as is and every random

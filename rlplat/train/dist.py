@@ -63,10 +63,8 @@ class DataParallel:
             offset += t.numel()
 
     def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
-        """SUM the fp32 gradients over ranks, in place in the optimizer's flat buffers (no extra copy)."""
-        if self.enabled:
-            for b in optimizer.buckets:
-                torch_dist.all_reduce(b.grad, op=torch_dist.ReduceOp.SUM, group=b.dp.group)
+        """SUM the fp32 gradients over ranks, in place in the optimizer's flat buffers."""
+        optimizer.all_reduce_grads()
 
     def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
         """Tokens per expert counted on this rank → over the whole step's batch (in place)."""

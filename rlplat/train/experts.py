@@ -94,7 +94,7 @@ class ExpertLoadCounter:
 
     @torch.no_grad()
     def apply_update(self, rate: float) -> None:
-        """Apply the bias update from the current counts (reduce them over ranks first: ``reduce_expert_counts``)."""
+        """Apply the bias update from the current counts (sum them over ranks first: ``reduce_expert_counts``)."""
         for name, moe in self.moes.items():
             bias = moe.gate.expert_bias
             bias.copy_(expert_bias_update(bias, self.counts[name], rate))

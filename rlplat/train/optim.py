@@ -6,7 +6,7 @@ backend; for Megatron, dense tensors over the data-parallel group and routed exp
 expert-data-parallel group, whose ranks hold the same experts. A bucket keeps
 
 - one flat fp32 gradient buffer for all its parameters (every rank, all of it): micro-batch gradients are
-  added into it, and the caller reduces it over ranks (in place; Megatron per parameter through ``grads``);
+  added into it and summed over the bucket's group in place (``all_reduce_grads``);
 - the fp32 master weights and AdamW's two moments of a contiguous 1/W of it (W ranks in its group).
 
 After AdamW updates its slice, each rank all-gathers the updated slices into the gradient buffer, which is
@@ -46,8 +46,8 @@ class _Bucket:
     master: torch.Tensor = field(init=False)  # fp32 [hi - lo]: this rank's slice of the weights
 
     def take_slice(self, tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-        """Write this rank's slice of the flattened ``tensors`` (one per parameter) into ``out``, parameter
-        by parameter (no flat copy of the whole bucket); padding stays zero."""
+        """Write this rank's slice of the flattened ``tensors`` (one per parameter, any device and dtype) into
+        ``out``, parameter by parameter (no flat copy of the whole bucket); padding stays zero."""
         out.zero_()
         offset = 0
         for t in tensors:
@@ -112,6 +112,12 @@ class ShardedAdamW:
         """The fp32 gradient of every parameter, in parameter order: views to reduce and clip in place."""
         return [self._view[i] for i in range(len(self.params))]
 
+    def all_reduce_grads(self) -> None:
+        """SUM each bucket's gradients over its group, in place in the flat buffer (one call a bucket)."""
+        for b in self.buckets:
+            if b.dp.world_size > 1:
+                dist.all_reduce(b.grad, op=dist.ReduceOp.SUM, group=b.dp.group)
+
     def scale_grads(self, coef: torch.Tensor) -> None:
         """Multiply every gradient by ``coef`` (clipping by the global norm)."""
         for b in self.buckets:
@@ -134,9 +140,8 @@ class ShardedAdamW:
         self.optimizer.step()
         for b in self.buckets:
             b.master.grad = None
-            full = self._gather(
-                b, b.master, b.grad
-            )  # the gradients are spent: their buffer takes the weights
+            # the gradients are spent: their buffer takes the gathered weights
+            full = self._gather(b, b.master, b.grad)
             for i, view in zip(b.index, b.views, strict=True):
                 self.params[i].copy_(view)
             full.zero_()  # the next step's gradients accumulate from zero
@@ -188,7 +193,7 @@ class ShardedAdamW:
         step = int(state["step"])
         for b in self.buckets:
             slices = {
-                key: b.take_slice([state[key][i].to(b.master) for i in b.index], torch.empty_like(b.master))
+                key: b.take_slice([state[key][i] for i in b.index], torch.empty_like(b.master))
                 for key in ("master", "exp_avg", "exp_avg_sq")
             }
             b.master.copy_(slices["master"])

@@ -317,7 +317,7 @@ class Trainer:
         bad_loss = torch.tensor(0.0 if finite else 1.0, device=self.device)
         self.dp.all_reduce(bad_loss, "max")
         if bad_loss.item() > 0:
-            self._discard_grads()
+            self.optimizer.zero_grad()
             raise NonFiniteError(
                 f"step {self.step}: the loss is NaN/inf on some micro-batch; the step was refused and weights, "
                 "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
@@ -326,7 +326,7 @@ class Trainer:
         grads = self.optimizer.grads()
         grad_norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
         if not torch.isfinite(grad_norm):
-            self._discard_grads()
+            self.optimizer.zero_grad()
             raise NonFiniteError(
                 f"step {self.step}: the gradient norm is {grad_norm.item()}; the step was refused and weights, "
                 "optimizer and expert biases are unchanged (resume from the last good checkpoint if it repeats)"
@@ -581,9 +581,6 @@ class Trainer:
         sums.add("resp:mismatch_kl", mm["mismatch_kl"], n_resp)
         sums.max("max_abs_dlogp", mm["max_abs_dlogp"])
         return loss
-
-    def _discard_grads(self) -> None:
-        self.optimizer.zero_grad()
 
     def _lr(self) -> float:
         cfg, k = self.config, self.step + 1  # this step's number, from 1

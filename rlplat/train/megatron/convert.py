@@ -5,8 +5,8 @@
 
 A sharded directory holds ``megatron_layout.json``, ``config.json`` and one
 ``model-tp<t>-ep<e>-pp<p>.safetensors`` per (tensor-parallel rank, expert-parallel rank, pipeline stage); a
-trainer checkpoint (``step-*``) has the same model files and converts the same way. Converting to HF re-reads one rank's file at a time per tensor group; round trips
-are exact (the same bits, ``layout.py`` only slices and concatenates).
+trainer checkpoint (``step-*``) has the same model files and converts the same way. Converting to HF
+re-reads one rank's file at a time per tensor group; round trips are exact (the same bits, ``layout.py`` only slices and concatenates).
 """
 
 from __future__ import annotations

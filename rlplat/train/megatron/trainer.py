@@ -11,9 +11,9 @@ the object the Trainer calls its data-parallel group:
 
 - loss normaliser, metrics and the non-finite flag: summed over the data-parallel group (tensor-parallel
   ranks hold the same rows and compute the same values);
-- gradients, in one call in parameter order: dense parameters over the data-parallel group, the routers
-  (partial per tensor-parallel rank, see ``model.py``) over tensor- then data-parallel groups, routed experts
-  over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
+- gradients (``all_reduce_grads``): the routers and QK norms (partial per tensor-parallel rank, see
+  ``model.py``) over the tensor-parallel group, then each optimizer bucket in one call over its group — dense
+  parameters over the data-parallel group, routed experts over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
   counted once each, replicated tensors once, experts once per expert-parallel group, every pipeline
   stage's own) and clipping by it, so the Trainer's own per-rank clip that follows is a no-op (its norm is
   ≤ the global one). Without model parallelism the Trainer's own norm is already global and is left to it.
@@ -166,25 +166,21 @@ class MegatronGroups:
         self._dp.all_reduce_tensors(counts)
 
     def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
-        self.all_reduce_tensors(optimizer.grads())
-
-    def all_reduce_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """The fp32 gradients, one per parameter in parameter order: reduced, then clipped by the global norm."""
-        if not tensors:
-            return
-        assert len(tensors) == len(self.expert), "expected one gradient per parameter, in parameter order"
-        for g, expert, partial_tp in zip(tensors, self.expert, self.partial_tp, strict=True):
-            if expert:
-                dist.all_reduce(g, group=self.edp_group)
-                continue
+        """Sum the fp32 gradients where they are partial — routers and QK norms over the tensor-parallel
+        group (each tp rank saw a slice of the tokens or heads), then each optimizer bucket over the group its
+        shards span (dense: data-parallel, experts: expert-data-parallel) — and clip by the global norm."""
+        grads = optimizer.grads()
+        for g, partial_tp in zip(grads, self.partial_tp, strict=True):
             if partial_tp:
                 dist.all_reduce(g, group=self.tp_group)
-            if self.enabled:
-                dist.all_reduce(g, group=self.dp_group)
-        if not self.model_parallel:
-            return
-        sq = torch.zeros(2, dtype=torch.float64, device=tensors[0].device)  # nccl reduces device tensors only
-        for g, expert, dense in zip(tensors, self.expert, self.in_dense_norm, strict=True):
+        optimizer.all_reduce_grads()
+        if self.model_parallel:
+            self._clip_by_global_norm(grads)
+
+    def _clip_by_global_norm(self, grads: list[torch.Tensor]) -> None:
+        """The norm over unique tensors (module docstring); NaN everywhere if it is not finite."""
+        sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device)  # nccl reduces device tensors only
+        for g, expert, dense in zip(grads, self.expert, self.in_dense_norm, strict=True):
             if expert or dense:
                 sq[int(expert)] += g.detach().double().square().sum()
         dense_sq, expert_sq = sq[:1].clone(), sq[1:].clone()
@@ -195,13 +191,13 @@ class MegatronGroups:
         norm = float(stage_sq.sqrt())
         self.last_grad_norm = norm
         if not torch.isfinite(torch.tensor(norm)):
-            for g in tensors:  # every rank then refuses the step in the Trainer, not just the one with NaN
+            for g in grads:  # every rank then refuses the step in the Trainer, not just the one with NaN
                 g.fill_(float("nan"))
             return
         if self.grad_clip is not None:
             coef = min(1.0, self.grad_clip / (norm + 1e-6))
             if coef < 1.0:
-                for g in tensors:
+                for g in grads:
                     g.mul_(coef)
 
 

@@ -55,6 +55,7 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     from rlplat.train.megatron.layout import shard_state
     from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
     from rlplat.train.megatron.trainer import MegatronGroups, _hf_source, gather_full, init_megatron
+    from rlplat.train.optim import ShardedAdamW
 
     hf = inputs["hf_dir"]
     cfg = RingLinearConfig.from_json(Path(hf) / "config.json")
@@ -72,9 +73,13 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     loss = (logp * w[rows]).sum() + 0.01 * (ent * w[rows]).sum()
     loss.backward()
     params = [p for _, p in model.named_parameters()]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     groups = MegatronGroups(list(model.named_parameters()), grad_clip=None)
-    groups.all_reduce_tensors(grads)
+    opt = ShardedAdamW(params, groups.shard_group, lr=1.0, betas=(0.9, 0.999), eps=1.0, weight_decay=0.0)
+    for i, p in enumerate(params):
+        if p.grad is not None:
+            opt.accumulate(i)
+    groups.all_reduce_grads(opt)
+    grads = opt.grads()
     named = {n: g for (n, _), g in zip(model.named_parameters(), grads, strict=True)}
     full_grads = dict(gather_full(model, lay, named))
     total = loss.detach().clone()
