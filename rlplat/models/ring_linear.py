@@ -153,6 +153,15 @@ class Router(nn.Module):
         return invariant_linear(x_NC.float(), self.weight.float())  # fp32 router logits
 
 
+def sum_slots(slots_NkC: torch.Tensor) -> torch.Tensor:
+    """A token's k weighted expert outputs [N, k, C] summed slot by slot, in a fixed order, so its output
+    never depends on the batch or on where the experts ran (the Megatron trainer sums with this too)."""
+    out = slots_NkC[:, 0]
+    for s in range(1, slots_NkC.shape[1]):
+        out = out + slots_NkC[:, s]
+    return out
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: RingLinearConfig):
         super().__init__()
@@ -184,10 +193,7 @@ class MoE(nn.Module):
             rows, slot = (ids_Nk == e).nonzero(as_tuple=True)
             y = self.experts[e](x[rows]).float() * weights_Nk[rows, slot, None]
             slots_NkC = slots_NkC.index_put((rows, slot), y)
-        # A fixed summation order over the k slots, so a token's output never depends on the batch.
-        out = slots_NkC[:, 0]
-        for s in range(1, slots_NkC.shape[1]):
-            out = out + slots_NkC[:, s]
+        out = sum_slots(slots_NkC)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
         return out.to(x_BTC.dtype).view_as(x_BTC)

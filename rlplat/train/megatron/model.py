@@ -64,7 +64,7 @@ from kernels.rope import apply_rotary, rope_table
 from kernels.softmax_attention import softmax_attention
 from kernels.swiglu import swiglu
 from rlplat.models.config import RingLinearConfig
-from rlplat.models.ring_linear import RMSNorm, Router, SwiGLU, linear_attention_log_decay
+from rlplat.models.ring_linear import RMSNorm, Router, SwiGLU, linear_attention_log_decay, sum_slots
 from rlplat.train.megatron.layout import stage_layers
 
 
@@ -310,9 +310,10 @@ class ParallelMoE(nn.Module):
         )  # fmt: skip
         N, k = ids_Nk.shape
         routing_map_NE = torch.zeros(N, E, dtype=torch.bool, device=x_NC.device).scatter_(1, ids_Nk, True)
+        rows_per_expert_E = routing_map_NE.sum(0)
         if self.dispatcher is None:  # one expert-parallel rank: Megatron's permutation, nothing to send
             x_rows, _, token_of_row = permute(x_NC, routing_map_NE, num_out_tokens=N * k)
-            y_rows = self._run_experts(x_rows, routing_map_NE.sum(0).tolist())
+            y_rows = self._run_experts(x_rows, rows_per_expert_E.tolist())
         else:
             # The dispatcher carries routing probabilities to the experts, where Megatron's experts would
             # scale by them; ours are applied after the combine, in fp32 as the rollout does, so its copy is
@@ -328,16 +329,12 @@ class ParallelMoE(nn.Module):
         # rows of a token in that order (atomics on GPUs). Each row goes to its token's slot of its expert
         # instead, and the slots are weighted and summed in rlplat.models.ring_linear.MoE's fixed order.
         expert_of_row = torch.repeat_interleave(
-            torch.arange(E, device=x_NC.device), routing_map_NE.sum(0), output_size=N * k
+            torch.arange(E, device=x_NC.device), rows_per_expert_E, output_size=N * k
         )
         slot_of_row = (ids_Nk[token_of_row] == expert_of_row[:, None]).int().argmax(1)
         slots_NkC = y_rows.new_zeros(N * k, x_NC.shape[1], dtype=torch.float32)
         slots_NkC = slots_NkC.index_copy(0, token_of_row * k + slot_of_row, y_rows.float()).view(N, k, -1)
-        slots_NkC = slots_NkC * weights_Nk[..., None]
-        out = slots_NkC[:, 0]
-        for s in range(1, k):
-            out = out + slots_NkC[:, s]
-        return out
+        return sum_slots(slots_NkC * weights_Nk[..., None])
 
     def _run_experts(self, x_rows: torch.Tensor, rows_per_expert: list[int]) -> torch.Tensor:
         """This rank's experts on their consecutive runs of rows (``rows_per_expert``: local expert order)."""
