@@ -12,10 +12,10 @@ the object the Trainer calls its data-parallel group:
 - loss normaliser, metrics and the non-finite flag: summed over the data-parallel group (tensor-parallel
   ranks hold the same rows and compute the same values);
 - gradients (``all_reduce_grads``): the routers and QK norms (partial per tensor-parallel rank, see
-  ``model.py``) over the tensor-parallel group, then each optimizer bucket in one call over its group — dense
-  parameters over the data-parallel group, routed experts over the expert-data-parallel group; then the global norm over unique tensors (tensor-parallel shards
-  counted once each, replicated tensors once, experts once per expert-parallel group, every pipeline
-  stage's own) and clipping by it, so the Trainer's own per-rank clip that follows is a no-op (its norm is
+  ``model.py``) over the tensor-parallel group, then each optimizer bucket in one call over its group —
+  dense parameters over the data-parallel group, routed experts over the expert-data-parallel group; then
+  the global norm over unique tensors (tensor-parallel shards counted once each, replicated tensors once,
+  experts once per expert-parallel group, every pipeline stage's own) and clipping by it, so the Trainer's own per-rank clip that follows is a no-op (its norm is
   ≤ the global one). Without model parallelism the Trainer's own norm is already global and is left to it.
 
 Pipeline parallelism (``pipeline_parallel_size`` > 1): each stage holds its layers (``layout.stage_layers``)
@@ -117,8 +117,8 @@ def init_megatron(
 
 class MegatronGroups:
     """The Trainer's data-parallel interface (``rank``, ``world_size``, ``shard``, ``all_reduce``,
-    ``all_reduce_grads``, ``reduce_expert_counts``, ``shard_group``) over Megatron's groups; gradients are
-    routed per parameter (module docstring), optimizer state is sharded per group (``shard_group``)."""
+    ``all_reduce_grads``, ``reduce_expert_counts``, ``shard_group``) over Megatron's groups: gradients and
+    optimizer state per group as the module docstring says."""
 
     def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], grad_clip: float | None):
         self.rank = ps.get_data_parallel_rank()
@@ -308,9 +308,8 @@ class _ParallelLoadCounter(ExpertLoadCounter):
         if group.size() == 1:
             return super().imbalance()
         ratios = self.load_ratios()
-        device = (
-            torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        )  # nccl: a stage may lack MoE
+        # on the GPU under nccl, also on a stage without MoE layers (nothing of the model's to take it from)
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
         total = torch.tensor([float(sum(ratios)), len(ratios)], dtype=torch.float64, device=device)
         dist.all_reduce(total, group=group)
         return float(total[0] / total[1]) if total[1] > 0 else 0.0
