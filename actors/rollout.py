@@ -18,7 +18,7 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, num_threads))
         cfg = ExperimentConfig.model_validate(config)
-        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
+        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant, cfg.kernels.chunk_size)
         rollout = (
             cfg.rollout.model_copy(update={"tokenizer": tokenizer_dir}) if tokenizer_dir else cfg.rollout
         )

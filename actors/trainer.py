@@ -28,7 +28,7 @@ class TrainerWorker:
         self.rank = rank
         cfg = ExperimentConfig.model_validate(config)
         cfg = cfg.model_copy(update={"trainer": cfg.trainer_config()})  # what `trainer:` leaves to the run
-        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
+        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant, cfg.kernels.chunk_size)
         if cfg.trainer.backend == "megatron":
             from rlplat.train.megatron.trainer import rank_trainer, single_rank_trainer
 

@@ -26,12 +26,16 @@ from typing import Literal
 
 Backend = Literal["reference", "triton"]
 BACKENDS: tuple[str, ...] = ("reference", "triton")
+# Linear attention's chunk size is part of the numerics: chunks sit at absolute positions, so trainer and rollout
+# must agree on it. Powers of two from 16: whole query tiles of the invariant GEMMs, and Triton block shapes.
+CHUNK_SIZES: tuple[int, ...] = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class KernelMode:
     backend: Backend = "reference"
     batch_invariant: bool = True
+    chunk_size: int = 64
 
 
 _MODE = KernelMode()
@@ -41,28 +45,48 @@ def get_mode() -> KernelMode:
     return _MODE
 
 
-def set_mode(backend: Backend | None = None, batch_invariant: bool | None = None) -> KernelMode:
-    """Set the process-wide kernel mode; returns the previous one."""
+def set_mode(
+    backend: Backend | None = None, batch_invariant: bool | None = None, chunk_size: int | None = None
+) -> KernelMode:
+    """Set the process-wide kernel mode (None leaves a setting as it is); returns the previous mode."""
     global _MODE
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_chunk_size(chunk_size)
     previous = _MODE
     changes = {}
     if backend is not None:
         changes["backend"] = backend
     if batch_invariant is not None:
         changes["batch_invariant"] = bool(batch_invariant)
+    if chunk_size is not None:
+        changes["chunk_size"] = int(chunk_size)
     _MODE = replace(_MODE, **changes)
     return previous
 
 
+def restore_mode(mode: KernelMode) -> None:
+    """Put back a mode returned by :func:`set_mode`."""
+    set_mode(mode.backend, mode.batch_invariant, mode.chunk_size)
+
+
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and chunk_size not in CHUNK_SIZES:
+        raise ValueError(
+            f"linear-attention chunk size {chunk_size} does not fit the kernels' tiles; choose one of "
+            f"{', '.join(map(str, CHUNK_SIZES))} (kernels.chunk_size)"
+        )
+
+
 @contextlib.contextmanager
-def kernel_mode(backend: Backend | None = None, batch_invariant: bool | None = None) -> Iterator[KernelMode]:
-    previous = set_mode(backend, batch_invariant)
+def kernel_mode(
+    backend: Backend | None = None, batch_invariant: bool | None = None, chunk_size: int | None = None
+) -> Iterator[KernelMode]:
+    previous = set_mode(backend, batch_invariant, chunk_size)
     try:
         yield _MODE
     finally:
-        set_mode(previous.backend, previous.batch_invariant)
+        restore_mode(previous)
 
 
 def triton_module(op: str):

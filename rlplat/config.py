@@ -16,6 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from actors.config import WorkersConfig
+from kernels import check_chunk_size
 from rewards.config import RewardsConfig
 from rlplat.algos.config import AlgoConfig
 from rlplat.buffer import RedisConfig
@@ -67,6 +68,15 @@ class KernelSection(Section):
         True,
         description="Bitwise batch/prefill/decode-invariant kernels (required for exact rollout alignment).",
     )
+    chunk_size: int = Field(
+        64,
+        description="Linear-attention chunk size (tokens; chunks sit at absolute positions): 16, 32, 64, 128 or 256.",
+    )
+
+    @model_validator(mode="after")
+    def _chunk_fits(self) -> KernelSection:
+        check_chunk_size(self.chunk_size)
+        return self
 
 
 class RunSection(Section):

@@ -7,9 +7,9 @@ import torch
 import kernels
 from kernels._checks import check_float
 from kernels.batch_invariant import reference
-from kernels.batch_invariant.reference import TILE_M, sigmoid, silu, tree_sum
+from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul, sigmoid, silu, tree_sum
 
-__all__ = ["TILE_M", "linear", "sigmoid", "silu", "tree_sum"]
+__all__ = ["MIN_ROWS", "linear", "rows_matmul", "sigmoid", "silu", "tree_sum"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

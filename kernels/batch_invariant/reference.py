@@ -1,17 +1,22 @@
-"""Batch-invariant primitives: GEMM over fixed row tiles, order-fixed reductions, exp-based gates.
+"""Batch-invariant primitives: GEMMs whose rows do not depend on their batch, order-fixed reductions, exp-based gates.
 
-Why these exist (measured on the 2-core AVX-512 CPU this project develops on; see the tests):
-- fp32 ``F.linear`` takes different BLAS paths for small M (1–3 rows differ by ~1e-6 from the same rows inside
-  a larger batch). A GEMM evaluated as a batched product of fixed 16-row tiles (the last one zero-padded) gives
-  every row bitwise the same result wherever it sits in the batch, in fp32 and bf16.
+Why these exist (measured with torch 2.13's MKL on the Intel Xeon and AMD EPYC machines this project runs on):
+- A CPU GEMM gives each output row the same bits however many rows share the call *except* on MKL's small-M
+  paths: fp32 with M ∈ {1, 2, 3, 5, 7, 9} rounds differently from the same rows inside a larger call (bf16 once,
+  at M = 1); every M ≥ 10 tried (up to 1024), every row position, 1 or 2 threads, transposed operands and
+  batched (``bmm``) calls agreed bitwise. :func:`rows_matmul` therefore pads a GEMM of fewer than ``MIN_ROWS``
+  rows with zero rows, so a decode step's single row goes through the same path as a prefill's many. That costs
+  nothing at training sizes (one library GEMM, autograd's two library GEMMs in backward: no per-tile weight
+  gradient is ever materialised) and 16 rows' work for a decode GEMV, which at model sizes reads the same
+  weights and so is memory-bound either way. ``tests/kernels/test_invariant_gemm.py`` re-checks the property on
+  the machine it runs on, for every shape class the model uses.
 - ``torch.sigmoid``, ``F.silu`` and ``torch.rsqrt`` round differently on the scalar tail of a vectorised loop
   than in its vector body, so a value's result depends on its offset in the tensor. ``exp``, ``log``, ``sqrt``,
   ``sin``, ``cos`` and the IEEE operations ``+ - * /`` do not. Gates are therefore written as ``1 / (1 + exp(-x))``
   and norms as ``x / sqrt(ms + eps)``.
 - Reductions whose strategy may depend on the number of rows or on threading are replaced by a pairwise
   halving sum (:func:`tree_sum`) built from elementwise additions. Its result does not depend on the other
-  rows, and zero padding to any larger power of two leaves it unchanged. The attention kernels rely on that
-  to make a prefill row and a decode row with different key lengths agree.
+  rows, and zero padding to any larger power of two leaves it unchanged.
 """
 
 from __future__ import annotations
@@ -19,22 +24,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-TILE_M = 16
+MIN_ROWS = 16
+
+
+def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (batched like ``torch.matmul``) where each row of ``a`` gets the same bits whatever ``a``'s
+    number of rows M: calls with M < 16 are padded with zero rows to 16 (see the module docstring)."""
+    M = a.shape[-2]
+    if M >= MIN_ROWS:
+        return a @ b
+    padded = F.pad(a, (0, 0, 0, MIN_ROWS - M))
+    return (padded @ b)[..., :M, :]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` where each row's result is independent of how many rows come with it. x [..., K], weight [N, K]."""
+    """``x @ weight.T`` for x [..., K], weight [N, K], each row's result independent of how many rows come with it."""
     *lead, k = x.shape
-    n_out = weight.shape[0]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    pad = (-m) % TILE_M
-    if pad:
-        x2 = torch.cat([x2, x2.new_zeros(pad, k)])
-    tiles = x2.shape[0] // TILE_M
-    # A 2-D right operand would let torch fold the tiles back into one GEMM; the expanded view keeps them apart.
-    out = torch.bmm(x2.view(tiles, TILE_M, k), weight.t().unsqueeze(0).expand(tiles, k, n_out))
-    return out.reshape(-1, n_out)[:m].reshape(*lead, n_out)
+    out = F.linear(x2, weight) if m >= MIN_ROWS else F.linear(F.pad(x2, (0, 0, 0, MIN_ROWS - m)), weight)[:m]
+    return out.reshape(*lead, weight.shape[0])
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Public softmax-attention op (prefill and decode share it; see reference.py for the masking rule)."""
+"""Public softmax-attention op (training, prefill and decode share it; see reference.py for the masking rule)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def softmax_attention(
         )
     if tuple(q_pos_BT.shape) != (B, Tq):
         raise ValueError(f"softmax_attention: q_pos must be [B={B}, Tq={Tq}], got {tuple(q_pos_BT.shape)}")
-    if kernels.get_mode().batch_invariant:
+    if k_BTGD.dtype != v_BTGD.dtype:
+        raise ValueError(f"softmax_attention: k is {k_BTGD.dtype} but v is {v_BTGD.dtype}; cache them alike")
+    if q_pos_BT.numel() and int(q_pos_BT.max()) >= k_BTGD.shape[1]:
+        raise ValueError(
+            f"softmax_attention: a query sits at position {int(q_pos_BT.max())} but only {k_BTGD.shape[1]} keys "
+            "were given; append the new keys to the cache first"
+        )
+    mode = kernels.get_mode()
+    if mode.batch_invariant:
+        if mode.backend == "triton":
+            return kernels.triton_module("softmax_attention").block_attention(
+                q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale
+            )
         return reference.attention_invariant(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
     return reference.attention_plain(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)

@@ -1,12 +1,30 @@
-"""Causal softmax attention (GQA) for prefill and for decode against a KV cache.
+"""Causal softmax attention (GQA) for training, prefill and decode against a KV cache: reference forms, the CPU path.
 
-Legend: B batch, Tq queries, Tk keys, H query heads, G kv heads, D head dim.
+Legend: B batch, Tq queries, Tk keys, H query heads, G kv heads, R = H / G query heads per kv head, D head dim,
+KB keys per block, M query rows of a kv head (Tq · R).
 A key j is visible to a query at absolute position p iff j ≤ p. Prefill passes p = 0..T-1; decode passes the
 cache length; right padding needs no extra mask because a real query never sees a later (padded) key.
 
-The invariant form reduces over D and over keys with :func:`tree_sum`. Masked keys contribute exact zeros
-and the visible keys are always a prefix, so a row's result does not depend on how long the key buffer is
-(prefill length, cache capacity) or on the other rows.
+**Block-aligned form (batch-invariant mode).** Keys are cut into blocks of ``KEY_BLOCK`` at absolute positions
+and visited in order from block 0. For a query row with scores s_j = scale · q·k_j over its visible keys:
+
+    m   = max_j s_j                                           exact in any order
+    p_j = exp(s_j - m)                                        elementwise; masked keys give exactly 0
+    o   = (Σ_blocks P_b [V_b | 1]) → acc / l                  one GEMM per block, blocks added in order
+
+so each term is a function of that row and of the keys alone: the max is exact, the exponentials elementwise,
+and each block's product a GEMM row (rows of fewer than 16 are padded, as everywhere: see
+``kernels.batch_invariant``), with the row sum l taken by the same GEMM through a ones column. Blocks a query
+cannot see contribute exact zeros, so a prefill row, the same row in a longer batch, and a decode step over a
+cache of any capacity round identically. It costs one extra QKᵀ pass over an online softmax (the max comes
+first), in exchange for a decode step with no sequential rescaling: all its blocks run as one batched GEMM.
+Memory is O(T) (one [M, KB] block of scores at a time).
+
+Training's backward is the library's fused flash-attention backward (``aten`` CPU op) fed with this forward's
+output and log-sum-exp, which recomputes probabilities block by block: O(T) memory. Only the forward must be
+invariant; the gradient is deterministic for a given batch.
+
+**Plain form.** ``attention_plain`` is torch's fused SDPA; it is not invariant to the key length or to the batch.
 """
 
 from __future__ import annotations
@@ -14,43 +32,158 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.batch_invariant.reference import tree_sum
+from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul
 
-QUERY_BLOCK = 16
+KEY_BLOCK = 256
+QUERY_TILE = 64
 
 
 def _expand_kv(x_BTGD: torch.Tensor, heads: int) -> torch.Tensor:
     return x_BTGD.repeat_interleave(heads // x_BTGD.shape[2], dim=2)
 
 
+def _query_rows(q_BTHD: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, Tq, H, D] -> fp32 [B, G, Tq·R, D]: the rows that share kv head g, ordered (t, r); head h = g·R + r."""
+    B, Tq, H, D = q_BTHD.shape
+    return q_BTHD.float().view(B, Tq, G, H // G, D).transpose(1, 2).reshape(B, G, Tq * (H // G), D)
+
+
+def _kv_rows(x_BTGD: torch.Tensor, span: int) -> torch.Tensor:
+    """[B, Tk, G, D] -> fp32 [B, G, ≥ span, D]. A cache kept as fp32 [B, G, L, D] memory with L ≥ span (what
+    ``rlplat.models.cache`` keeps) is used in place: a decode step copies nothing."""
+    x = x_BTGD.transpose(1, 2)
+    if x.dtype != torch.float32 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
+        x = x.float().contiguous()
+    if x.shape[2] < span:
+        x = F.pad(x, (0, 0, 0, span - x.shape[2]))
+    return x
+
+
+def block_attention(
+    q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-aligned forward. Returns (o [B, Tq, H, D] in q's dtype, log-sum-exp fp32 [B, H, Tq]).
+
+    Queries go in tiles of ``QUERY_TILE`` positions; a tile's scores against every key it can see are one
+    GEMM ([rows, D] @ [D, keys]: a score's bits depend neither on the rows nor on the keys beside it), then
+    the exact max, the exponentials, and per key block one GEMM with V and one with a block of ones (the row
+    sum l), added in block order. How the queries are tiled therefore changes nothing, and a decode step is a
+    tile of one position.
+    """
+    B, Tq, H, D = q_BTHD.shape
+    G = k_BTGD.shape[2]
+    R = H // G
+    q = _query_rows(q_BTHD, G) * scale
+    pos_BM = q_pos_BT.repeat_interleave(R, dim=1)
+    visible = int(q_pos_BT.max()) + 1 if q_pos_BT.numel() else 1
+    span = -(-visible // KEY_BLOCK) * KEY_BLOCK
+    keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
+    ones = q.new_ones(KEY_BLOCK, MIN_ROWS)
+    o = q.new_empty(B, G, Tq * R, D)
+    lse = q.new_empty(B, G, Tq * R)
+    for t0 in range(0, Tq, QUERY_TILE):
+        rows = slice(t0 * R, min(t0 + QUERY_TILE, Tq) * R)
+        acc, total, m = _tile(q[:, :, rows], keys, values, ones, pos_BM[:, rows])
+        o[:, :, rows] = acc / total
+        lse[:, :, rows] = m + torch.log(total[..., 0])
+    o = o.view(B, G, Tq, R, D).transpose(1, 2).reshape(B, Tq, H, D)
+    return o.to(q_BTHD.dtype), lse.view(B, G, Tq, R).permute(0, 1, 3, 2).reshape(B, H, Tq)
+
+
+def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
+    """(Σ_b P_b V_b [B, G, M, D], row sums l [B, G, M, 1], row max m [B, G, M]) for a tile of (pre-scaled)
+    query rows."""
+    lo, hi = int(pos_BM.min()), int(pos_BM.max())
+    blocks = hi // KEY_BLOCK + 1
+    M = q_BGMD.shape[2]
+    if M < MIN_ROWS:  # a decode tile: pad once here rather than in each GEMM (as rows_matmul would)
+        q_BGMD = F.pad(q_BGMD, (0, 0, 0, MIN_ROWS - M))
+        pos_BM = F.pad(pos_BM, (0, MIN_ROWS - M), value=hi)
+    s = rows_matmul(q_BGMD, keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2))
+    # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
+    key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
+    s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
+    m = s.amax(-1)
+    p = s.sub_(m[..., None]).exp_()
+    acc = total = None
+    for b in range(blocks):
+        keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        part, part_total = rows_matmul(p[..., keys], values_BGLD[:, :, keys]), rows_matmul(p[..., keys], ones)
+        acc = part if acc is None else acc + part
+        total = part_total[..., :1] if total is None else total + part_total[..., :1]
+    return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
+
+
+class BlockAttention(torch.autograd.Function):
+    """Training: the block-aligned forward, torch's flash-attention backward (positions 0..T-1, causal)."""
+
+    @staticmethod
+    def forward(ctx, q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale):
+        o, lse = block_attention(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
+        ctx.save_for_backward(q_BTHD, k_BTGD, v_BTGD, o, lse)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_o_BTHD):
+        q, k, v, o, lse = ctx.saved_tensors
+        H, G = q.shape[2], k.shape[2]
+        dtype = torch.float32
+        as_heads = lambda x: x.to(dtype).transpose(1, 2).contiguous()  # [B, H, T, D], the op's layout
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            as_heads(grad_o_BTHD), as_heads(q), as_heads(_expand_kv(k, H)), as_heads(_expand_kv(v, H)),
+            as_heads(o), lse.contiguous(), 0.0, True, scale=ctx.scale,
+        )  # fmt: skip
+        B, _, T, D = dk.shape
+        # the R query heads of a kv head each hold a share of its gradient
+        dk = dk.view(B, G, H // G, T, D).sum(2)
+        dv = dv.view(B, G, H // G, T, D).sum(2)
+        return (
+            dq.transpose(1, 2).to(q.dtype),
+            dk.transpose(1, 2).to(k.dtype),
+            dv.transpose(1, 2).to(v.dtype),
+            None,
+            None,
+        )
+
+
 def attention_invariant(
     q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    H = q_BTHD.shape[2]
-    q = q_BTHD.float().transpose(1, 2)  # [B, H, Tq, D]
-    k = _expand_kv(k_BTGD, H).float().transpose(1, 2)  # [B, H, Tk, D]
-    v = _expand_kv(v_BTGD, H).float().transpose(1, 2)
-    key_idx = torch.arange(k.shape[2], device=q.device)
-    outs = []
-    for i0 in range(0, q.shape[2], QUERY_BLOCK):
-        qb = q[:, :, i0 : i0 + QUERY_BLOCK]
-        scores = tree_sum(qb[:, :, :, None, :] * k[:, :, None, :, :], dim=-1) * scale  # [B, H, Qb, Tk]
-        visible = key_idx.view(1, 1, 1, -1) <= q_pos_BT[:, None, i0 : i0 + QUERY_BLOCK, None]
-        scores = scores.masked_fill(~visible, float("-inf"))
-        p = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-        denom = tree_sum(p, dim=-1)
-        out = tree_sum(p[..., None] * v[:, :, None, :, :], dim=-2) / denom[..., None]
-        outs.append(out)
-    return torch.cat(outs, dim=2).transpose(1, 2).to(q_BTHD.dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BTHD, k_BTGD, v_BTGD))
+    if needs_grad:
+        return BlockAttention.apply(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
+    return block_attention(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)[0]
 
 
 def attention_plain(
     q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    H = q_BTHD.shape[2]
+    """torch's fused SDPA (GQA without copying the keys): causal when the queries are positions 0..T-1 of
+    the keys, else over each row's visible keys (one row: the cache up to its position, no mask)."""
     q = q_BTHD.transpose(1, 2)
-    k = _expand_kv(k_BTGD, H).transpose(1, 2)
-    v = _expand_kv(v_BTGD, H).transpose(1, 2)
-    visible = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1) <= q_pos_BT[:, None, :, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)
+    k = k_BTGD.transpose(1, 2).to(q.dtype)
+    v = v_BTGD.transpose(1, 2).to(q.dtype)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if Tq == Tk and bool((q_pos_BT == torch.arange(Tq, device=q.device)).all()):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    elif q.shape[0] == 1 and Tq == 1:
+        end = int(q_pos_BT[0, 0]) + 1
+        out = F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], scale=scale, enable_gqa=True)
+    else:
+        visible = torch.arange(Tk, device=q.device).view(1, 1, 1, -1) <= q_pos_BT[:, None, :, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
     return out.transpose(1, 2)
+
+
+def naive_attention(
+    q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Float64 softmax over the visible keys: the truth the other forms are measured against (tests)."""
+    H = q_BTHD.shape[2]
+    q = q_BTHD.double().transpose(1, 2)
+    k = _expand_kv(k_BTGD, H).double().transpose(1, 2)
+    v = _expand_kv(v_BTGD, H).double().transpose(1, 2)
+    s = (q @ k.transpose(-1, -2)) * scale
+    visible = torch.arange(k.shape[2], device=q.device).view(1, 1, 1, -1) <= q_pos_BT[:, None, :, None]
+    return (s.masked_fill(~visible, float("-inf")).softmax(-1) @ v).transpose(1, 2)

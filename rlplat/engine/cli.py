@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
             data["alignment"][key] = getattr(args, flag)
     rollout = RolloutConfig.model_validate(data)
 
-    kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant)
+    kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant, cfg.kernels.chunk_size)
     trainer = build_policy(cfg.model)
     backend = make_backend(cfg, rollout=rollout)
     mc = trainer.config

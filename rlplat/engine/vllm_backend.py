@@ -65,6 +65,7 @@ class VLLMBackend:
         settings: VLLMSettings | None = None,
         kernel_backend: str | None = None,
         batch_invariant: bool | None = None,
+        chunk_size: int | None = None,
         version: int = 0,
     ):
         try:
@@ -101,6 +102,8 @@ class VLLMBackend:
             overrides["rlplat_kernel_backend"] = kernel_backend
         if batch_invariant is not None:
             overrides["rlplat_batch_invariant"] = batch_invariant
+        if chunk_size is not None:
+            overrides["rlplat_chunk_size"] = chunk_size
         s = self.settings
         optional = {
             "kv_cache_memory_bytes": s.kv_cache_memory_bytes,
@@ -162,6 +165,7 @@ class VLLMBackend:
             settings=rollout.vllm,
             kernel_backend=kernels_cfg.backend if kernels_cfg else None,
             batch_invariant=kernels_cfg.batch_invariant if kernels_cfg else None,
+            chunk_size=kernels_cfg.chunk_size if kernels_cfg else None,
         )
         backend._tmp = tmp  # the checkpoint lives as long as the backend
         return backend

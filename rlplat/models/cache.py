@@ -1,9 +1,16 @@
-"""Per-sequence decode state: a growing KV cache for softmax layers, the fp32 recurrent state for linear ones.
+"""Per-sequence decode state: a growing KV cache for softmax layers, the linear-attention state for linear ones.
 
-Legend: B sequences, L cached tokens (capacity), G kv heads, H heads, D head dim.
+Legend: B sequences, L cached tokens (capacity), G kv heads, H heads, D head dim, C linear-attention chunk size.
 Rows are sequences, so an engine can select, drop and concatenate rows (``select`` / ``concat``) as sequences
 leave and join the batch. A row's numbers do not depend on the others, and the attention kernels ignore
 capacity beyond each row's length.
+
+The layouts are the kernels' own, so a decode step reads them without a copy:
+- softmax layers keep keys and values as fp32 [B, G, L, D] (exact for any model dtype: attention computes in
+  fp32), capacity grown in whole key blocks of ``kernels.softmax_attention``;
+- linear layers keep what ``kernels.linear_attention`` returns for the kernel mode: in batch-invariant mode a
+  ``ChunkState`` (fp32 state at the current chunk's start, plus the chunk's keys and values so far), in the
+  plain mode the fp32 state after the last token (``state_BHDD`` alone).
 """
 
 from __future__ import annotations
@@ -12,12 +19,55 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.linear_attention import ChunkState
+from kernels.softmax_attention.reference import KEY_BLOCK
+
 
 @dataclass
 class LayerCache:
-    state_BHDD: torch.Tensor | None = None  # linear attention
-    k_BLGD: torch.Tensor | None = None  # softmax attention
-    v_BLGD: torch.Tensor | None = None
+    state_BHDD: torch.Tensor | None = (
+        None  # linear attention: chunk-start state (invariant) or last state (plain)
+    )
+    keys_BHCD: torch.Tensor | None = None  # linear attention, invariant mode: the current chunk's keys ...
+    values_BHCD: torch.Tensor | None = None  # ... and values (zero beyond its fill)
+    k_BGLD: torch.Tensor | None = None  # softmax attention, fp32
+    v_BGLD: torch.Tensor | None = None
+
+    def linear_state(self) -> ChunkState | torch.Tensor | None:
+        if self.state_BHDD is None:
+            return None
+        if self.keys_BHCD is None:
+            return self.state_BHDD
+        return ChunkState(self.state_BHDD, self.keys_BHCD, self.values_BHCD)
+
+    def set_linear_state(self, state: ChunkState | torch.Tensor) -> None:
+        if isinstance(state, ChunkState):
+            self.state_BHDD, self.keys_BHCD, self.values_BHCD = state
+        else:
+            self.state_BHDD, self.keys_BHCD, self.values_BHCD = state, None, None
+
+    def append_kv(
+        self, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, positions_BT: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values at their absolute positions; return the whole cache as [B, L, G, D] views."""
+        B, T, G, D = k_BTGD.shape
+        need = int(positions_BT.max()) + 1 if positions_BT.numel() else 0
+        if self.k_BGLD is None:
+            self.k_BGLD = k_BTGD.new_zeros(B, G, 0, D, dtype=torch.float32)
+            self.v_BGLD = v_BTGD.new_zeros(B, G, 0, D, dtype=torch.float32)
+        capacity = self.k_BGLD.shape[2]
+        if capacity < need:
+            grown = -(-max(need, 2 * capacity) // KEY_BLOCK) * KEY_BLOCK
+            self.k_BGLD = torch.nn.functional.pad(self.k_BGLD, (0, 0, 0, grown - capacity))
+            self.v_BGLD = torch.nn.functional.pad(self.v_BGLD, (0, 0, 0, grown - capacity))
+        rows = torch.arange(B, device=k_BTGD.device)[:, None].expand(B, T)
+        # [B, T, G, D] written at (row, :, position): index with (row, position) on the [B, L, G, D] view
+        self.k_BGLD.transpose(1, 2)[rows, positions_BT] = k_BTGD.float()
+        self.v_BGLD.transpose(1, 2)[rows, positions_BT] = v_BTGD.float()
+        return self.k_BGLD.transpose(1, 2), self.v_BGLD.transpose(1, 2)
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.state_BHDD, self.keys_BHCD, self.values_BHCD, self.k_BGLD, self.v_BGLD)
 
 
 @dataclass
@@ -35,7 +85,7 @@ class ModelCache:
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        layers = [LayerCache(pick(c.state_BHDD), pick(c.k_BLGD), pick(c.v_BLGD)) for c in self.layers]
+        layers = [LayerCache(*(pick(t) for t in c.tensors())) for c in self.layers]
         return ModelCache(self.lengths_B[rows], layers)
 
     @staticmethod
@@ -47,16 +97,13 @@ class ModelCache:
                 raise ValueError("cannot concatenate caches of which only some have run a prefill")
             if pad_dim is not None:
                 cap = max(t.shape[pad_dim] for t in ts)
-                ts = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, cap - t.shape[pad_dim])) for t in ts]
+                ts = [torch.nn.functional.pad(t, (0, 0, 0, cap - t.shape[pad_dim])) for t in ts]
             return torch.cat(ts)
 
         num_layers = len(caches[0].layers)
-        layers = [
-            LayerCache(
-                cat([c.layers[i].state_BHDD for c in caches]),
-                cat([c.layers[i].k_BLGD for c in caches], pad_dim=1),
-                cat([c.layers[i].v_BLGD for c in caches], pad_dim=1),
-            )
-            for i in range(num_layers)
-        ]
+        layers = []
+        for i in range(num_layers):
+            per_field = list(zip(*(c.layers[i].tensors() for c in caches)))
+            *linear, k, v = per_field
+            layers.append(LayerCache(*(cat(list(t)) for t in linear), cat(list(k), 2), cat(list(v), 2)))
         return ModelCache(torch.cat([c.lengths_B for c in caches]), layers)

@@ -79,12 +79,15 @@ class LinearAttention(nn.Module):
         q, k, v = self.query_key_value(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q = apply_rotary(self.query_layernorm(q), positions_BT, *rope)
         k = apply_rotary(self.key_layernorm(k), positions_BT, *rope)
-        state = cache.state_BHDD if cache is not None else None
-        o, new_state = linear_attention(
-            q, k, v, self.log_decay, self.head_dim**-0.5, state, lengths_B if cache is not None else None
-        )
-        if cache is not None:
-            cache.state_BHDD = new_state
+        scale = self.head_dim**-0.5
+        if cache is None:
+            o, _ = linear_attention(q, k, v, self.log_decay, scale)
+        else:
+            start_B = positions_BT[:, 0]
+            o, state = linear_attention(
+                q, k, v, self.log_decay, scale, cache.linear_state(), start_B, lengths_B
+            )
+            cache.set_linear_state(state)
         o = group_rms_norm_gate(
             o.reshape(B, T, -1), self.g_proj(x_BTC), self.g_norm.weight, self.groups, self.eps
         )
@@ -109,26 +112,9 @@ class SoftmaxAttention(nn.Module):
         k = apply_rotary(self.key_layernorm(k.view(B, T, G, D)), positions_BT, *rope)
         v = v.view(B, T, G, D)
         if cache is not None:
-            k, v = _append_kv(cache, k, v, positions_BT)
+            k, v = cache.append_kv(k, v, positions_BT)
         o = softmax_attention(q, k, v, positions_BT, D**-0.5)
         return self.dense(o.reshape(B, T, H * D))
-
-
-def _append_kv(cache: LayerCache, k_BTGD, v_BTGD, positions_BT):
-    """Write the new keys/values at their absolute positions and return the whole cache."""
-    B, T, G, D = k_BTGD.shape
-    need = int(positions_BT.max()) + 1 if positions_BT.numel() else 0
-    if cache.k_BLGD is None:
-        cache.k_BLGD = k_BTGD.new_zeros(B, 0, G, D)
-        cache.v_BLGD = v_BTGD.new_zeros(B, 0, G, D)
-    if cache.k_BLGD.shape[1] < need:
-        grow = max(need, 2 * cache.k_BLGD.shape[1]) - cache.k_BLGD.shape[1]
-        cache.k_BLGD = torch.cat([cache.k_BLGD, k_BTGD.new_zeros(B, grow, G, D)], dim=1)
-        cache.v_BLGD = torch.cat([cache.v_BLGD, v_BTGD.new_zeros(B, grow, G, D)], dim=1)
-    rows = torch.arange(B, device=k_BTGD.device)[:, None].expand(B, T)
-    cache.k_BLGD = cache.k_BLGD.index_put((rows, positions_BT), k_BTGD)
-    cache.v_BLGD = cache.v_BLGD.index_put((rows, positions_BT), v_BTGD)
-    return cache.k_BLGD, cache.v_BLGD
 
 
 class SwiGLU(nn.Module):

@@ -41,6 +41,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 import kernels
 from kernels.lm_head import reference as lm_head_reference
 from kernels.rope import rope_table
+from kernels.softmax_attention.reference import KEY_BLOCK
 from rlplat.models import LayerCache, ModelCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8
 from rlplat.models.ring_linear import LinearAttention, Router, linear_attention_log_decay
 from rlplat.vllm_plugin.hf_config import ring_linear_config
@@ -119,35 +120,57 @@ class PagedKVCache(nn.Module, AttentionLayerBase):
         )
 
     def gather(self, md: PagedKVMetadata, batch: _Batch) -> LayerCache:
-        """Each request's cached keys/values, right-padded: [R, L, G, D] (L = longest cached context)."""
+        """Each request's cached keys/values as rlplat's cache keeps them: fp32 [R, G, L, D], L the longest
+        cached context rounded up to whole key blocks, zero beyond each request's own context (a block's tail
+        may hold a finished request's tokens)."""
         S, D = self.kv_cache.shape[2], self.head_dim
         L = batch.max_context
         if L == 0:
             return LayerCache()
-        pos_L = torch.arange(L, device=batch.context_R.device)
-        blocks_RL = md.block_table[: batch.num_reqs].long()[:, pos_L // S]
-        kv_RLGD2 = self.kv_cache[blocks_RL, :, (pos_L % S).expand_as(blocks_RL)]
-        return LayerCache(k_BLGD=kv_RLGD2[..., :D], v_BLGD=kv_RLGD2[..., D:])
+        capacity = -(-L // KEY_BLOCK) * KEY_BLOCK
+        pos_L = torch.arange(capacity, device=batch.context_R.device)
+        cached_RL = pos_L[None, :] < batch.context_R[:, None]
+        blocks_RL = md.block_table[: batch.num_reqs].long()[:, pos_L.clamp(max=L - 1) // S]
+        kv_RLGD2 = self.kv_cache[blocks_RL, :, (pos_L.clamp(max=L - 1) % S).expand_as(blocks_RL)]
+        kv_RGLD2 = torch.where(cached_RL[:, :, None, None], kv_RLGD2.float(), 0.0).transpose(1, 2)
+        return LayerCache(k_BGLD=kv_RGLD2[..., :D].contiguous(), v_BGLD=kv_RGLD2[..., D:].contiguous())
 
     def scatter(self, cache: LayerCache, md: PagedKVMetadata, batch: _Batch) -> None:
         """Write the keys/values of this step's real tokens into their slots."""
         S = self.kv_cache.shape[2]
         positions_N = batch.context_R[batch.row_N] + batch.col_N
-        k_NGD = cache.k_BLGD[batch.row_N, positions_N]
-        v_NGD = cache.v_BLGD[batch.row_N, positions_N]
+        k_NGD = cache.k_BGLD[batch.row_N, :, positions_N]
+        v_NGD = cache.v_BGLD[batch.row_N, :, positions_N]
         slots_N = md.slot_mapping[: batch.num_tokens].long()
-        self.kv_cache[slots_N // S, :, slots_N % S] = torch.cat([k_NGD, v_NGD], dim=-1)
+        self.kv_cache[slots_N // S, :, slots_N % S] = torch.cat([k_NGD, v_NGD], dim=-1).to(
+            self.kv_cache.dtype
+        )
 
 
-# --- linear-attention layers: one fp32 state slot per request, managed by vLLM's mamba-state machinery --------
+# --- linear-attention layers: per-request state slots, managed by vLLM's mamba-state machinery ---------------
+def _linear_state_spec(cfg: RingLinearConfig, hf_config, model_dtype: torch.dtype):
+    """(shapes, dtypes) of one request's linear-attention state, as ``kernels.linear_attention`` keeps it for the
+    kernel mode: batch-invariant mode, the fp32 chunk-start state plus the chunk's keys and values so far
+    (model dtype, zero beyond the fill); plain mode, the fp32 state after the last token."""
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    state = MambaStateShapeCalculator.linear_attention_state_shape(H, 1, D)
+    if not getattr(hf_config, "rlplat_batch_invariant", kernels.get_mode().batch_invariant):
+        return state, (STATE_DTYPE,)
+    C = getattr(hf_config, "rlplat_chunk_size", kernels.get_mode().chunk_size)
+    return (*state, (H, C, D), (H, C, D)), (STATE_DTYPE, model_dtype, model_dtype)
+
+
 class LinearAttentionState(nn.Module, MambaBase):
-    """The recurrent state of one linear-attention layer: ``kv_cache[0]`` is vLLM's ``[slots, H, D, D]`` fp32."""
+    """The state of one linear-attention layer in vLLM's slots: ``kv_cache`` holds [slots, ...] tensors laid out
+    as ``_linear_state_spec`` says."""
 
     def __init__(self, cfg: RingLinearConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.shapes, self.dtypes = _linear_state_spec(
+            cfg, vllm_config.model_config.hf_config, vllm_config.model_config.dtype
+        )
         self.prefix = prefix
-        self.kv_cache = (torch.tensor([]),)
+        self.kv_cache = tuple(torch.tensor([]) for _ in self.shapes)
         _register_layer(vllm_config, prefix, self)
 
     @property
@@ -155,21 +178,24 @@ class LinearAttentionState(nn.Module, MambaBase):
         return MambaAttentionBackendEnum.LINEAR
 
     def get_state_shape(self) -> tuple[tuple[int, int, int], ...]:
-        return MambaStateShapeCalculator.linear_attention_state_shape(self.num_heads, 1, self.head_dim)
+        return self.shapes
 
     def get_state_dtype(self) -> tuple[torch.dtype, ...]:
-        return (STATE_DTYPE,)
+        return self.dtypes
 
     def gather(self, md, batch: _Batch) -> LayerCache:
-        """Each request's state [R, H, D, D]; requests with nothing cached start from zero."""
-        state = self.kv_cache[0][md.state_indices_tensor[: batch.num_reqs].long()]
+        """Each request's state; requests with nothing cached start from zero (a slot may hold a finished
+        request's state)."""
+        slots = md.state_indices_tensor[: batch.num_reqs].long()
         fresh_R = (batch.context_R == 0).view(-1, 1, 1, 1)
-        return LayerCache(state_BHDD=torch.where(fresh_R, torch.zeros_like(state), state))
+        parts = [torch.where(fresh_R, 0, t[slots]).to(t.dtype) for t in self.kv_cache]
+        return LayerCache(*parts) if len(parts) == 3 else LayerCache(state_BHDD=parts[0])
 
     def scatter(self, cache: LayerCache, md, batch: _Batch) -> None:
         real_R = batch.lengths_R > 0  # padding requests (CUDA-graph batches) have no slot of their own
-        slots = md.state_indices_tensor[: batch.num_reqs].long()
-        self.kv_cache[0][slots[real_R]] = cache.state_BHDD[real_R]
+        slots = md.state_indices_tensor[: batch.num_reqs].long()[real_R]
+        for t, new in zip(self.kv_cache, (cache.state_BHDD, cache.keys_BHCD, cache.values_BHCD)):
+            t[slots] = new[real_R]
 
 
 def _register_layer(vllm_config: VllmConfig, prefix: str, layer: nn.Module) -> None:
@@ -235,6 +261,7 @@ class RingLinearForVLLM(nn.Module, HasInnerState, IsHybrid):
         kernels.set_mode(
             backend=getattr(hf_config, "rlplat_kernel_backend", None),
             batch_invariant=getattr(hf_config, "rlplat_batch_invariant", None),
+            chunk_size=getattr(hf_config, "rlplat_chunk_size", None),
         )
         device = torch.device(vllm_config.device_config.device)
         with torch.device("meta"):
@@ -348,18 +375,22 @@ class RingLinearForVLLM(nn.Module, HasInnerState, IsHybrid):
     # -- hybrid-state interface (vLLM sizes and copies the linear-attention states from these) ----------------
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int, int], ...]:
-        cfg = ring_linear_config(vllm_config.model_config.hf_config)
-        return MambaStateShapeCalculator.linear_attention_state_shape(
-            cfg.num_attention_heads, 1, cfg.head_dim
-        )
+        return cls._state_spec(vllm_config)[0]
 
     @classmethod
     def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig) -> tuple[torch.dtype, ...]:
-        return (STATE_DTYPE,)
+        return cls._state_spec(vllm_config)[1]
 
     @classmethod
     def get_mamba_state_copy_func(cls) -> tuple:
-        return MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+        # every part of the state is copied whole, like the single state of vLLM's own linear attention
+        (copy,) = MambaStateCopyFuncCalculator.linear_attention_state_copy_func()
+        return (copy,) * (3 if kernels.get_mode().batch_invariant else 1)
+
+    @staticmethod
+    def _state_spec(vllm_config: VllmConfig):
+        hf_config = vllm_config.model_config.hf_config
+        return _linear_state_spec(ring_linear_config(hf_config), hf_config, vllm_config.model_config.dtype)
 
 
 def _rebuild_buffers(model: RingLinearForCausalLM, cfg: RingLinearConfig, device: torch.device) -> None:

@@ -7,7 +7,7 @@ import kernels
 from kernels.batch_invariant import linear, tree_sum
 from kernels.fp8 import dequantize_blockwise, fp8_linear, quantize_blockwise
 from kernels.linear_attention import linear_attention
-from kernels.linear_attention.reference import chunk_linear_attention, recurrent_linear_attention
+from kernels.linear_attention.reference import chunk_linear_attention, recurrent_step
 from kernels.lm_head import lm_head_logprobs
 from kernels.moe_routing import group_limited_topk
 from kernels.rmsnorm import rms_norm
@@ -19,39 +19,29 @@ def rel_err(a, b):
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 130])
-def test_chunk_equals_recurrent_forward_and_backward(T):
+def test_plain_chunked_form_continues_a_state_like_token_by_token_steps(T):
     g = torch.Generator().manual_seed(T)
     B, H, D = 2, 3, 48
-    q, k, v = (torch.randn(B, T, H, D, generator=g, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
     log_decay = -torch.rand(H, generator=g) * 0.3
     s0 = torch.randn(B, H, D, D, generator=g)
-    o1, s1 = recurrent_linear_attention(q, k, v, log_decay, D**-0.5, s0)
-    o2, s2 = chunk_linear_attention(q, k, v, log_decay, D**-0.5, s0, chunk_size=64)
-    assert rel_err(o2, o1) < 1e-5 and rel_err(s2, s1) < 1e-5
-    w = torch.randn_like(o1)
-    g1 = torch.autograd.grad((o1 * w).sum(), (q, k, v))
-    g2 = torch.autograd.grad((o2 * w).sum(), (q, k, v))
-    for a, b in zip(g2, g1):
-        assert rel_err(a, b) < 1e-5
+    o1, s1 = chunk_linear_attention(q, k, v, log_decay, D**-0.5, s0, chunk_size=64)
+    steps, s2 = [], s0
+    for t in range(T):
+        o, s2 = recurrent_step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], log_decay, D**-0.5, s2)
+        steps.append(o)
+    assert rel_err(o1, torch.cat(steps, 1)) < 1e-5 and rel_err(s1, s2) < 1e-5
 
 
-def test_state_hands_over_between_chunked_prefill_and_recurrent_decode():
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 70, 2, 16, generator=g) for _ in range(3))
-    log_decay = torch.tensor([-0.1, -0.01])
-    full, _ = chunk_linear_attention(q, k, v, log_decay, 0.25)
-    _, state = chunk_linear_attention(q[:, :65], k[:, :65], v[:, :65], log_decay, 0.25)
-    tail, _ = recurrent_linear_attention(q[:, 65:], k[:, 65:], v[:, 65:], log_decay, 0.25, state)
-    assert rel_err(tail, full[:, 65:]) < 1e-5
-
-
-def test_recurrent_final_state_respects_lengths():
+def test_plain_chunked_final_state_respects_lengths():
     g = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(2, 10, 2, 8, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(2, 70, 2, 8, generator=g) for _ in range(3))
     log_decay = torch.tensor([-0.2, -0.05])
-    _, state = recurrent_linear_attention(q, k, v, log_decay, 1.0, lengths_B=torch.tensor([4, 10]))
-    _, alone = recurrent_linear_attention(q[:1, :4], k[:1, :4], v[:1, :4], log_decay, 1.0)
-    assert torch.equal(state[0], alone[0])
+    _, state = chunk_linear_attention(
+        q, k, v, log_decay, 1.0, chunk_size=16, lengths_B=torch.tensor([37, 70])
+    )
+    _, alone = chunk_linear_attention(q[:1, :37], k[:1, :37], v[:1, :37], log_decay, 1.0, chunk_size=16)
+    assert rel_err(state[0], alone[0]) < 1e-6
 
 
 def test_softmax_attention_modes_agree_and_match_definition():
