@@ -1,0 +1,179 @@
+"""Several sandboxes in separate OS processes judge at once (issue 14): slow-but-correct, quick-wrong and hostile
+programs side by side. No run may disturb another's: every correct program passes, no wrong or hostile one
+does, and no sandbox process outlives the runs.
+
+Each worker is its own Python process with its own ``Sandbox`` (so its own fork server), as two reward workers
+or two ``rlplat reward`` commands on one machine are; all its runs are submitted at once from threads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rewards.code.sandbox import _root_mode_available
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = ["root", "user"] if _root_mode_available() else ["user"]
+UID_RANGE = range(61000, 61512)  # _zygote.UID_BASE, UID_COUNT
+MARKER = "424242.4242"  # argv of the sleeps hostile programs leave behind, to find survivors in user mode
+
+PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
+TESTS = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-5, 5) == 0\n"
+STDIO_IN, STDIO_OUT = ["1 2\n", "20 22\n"], ["3", "42"]
+
+# The sleep keeps each correct run alive while the other workers' runs start and finish around it.
+SLOW_ASSERT = PROMPT + "    import time\n    time.sleep(1.0)\n    return a + b\n"
+SLOW_STDIO = "import time\ntime.sleep(1.0)\nprint(sum(map(int, input().split())))\n"
+WRONG_ASSERT = PROMPT + "    return a - b\n"
+WRONG_STDIO = "print(sum(map(int, input().split())) + 1)\n"
+HOSTILE = {
+    # Signals every process it can see for a while, except its own judge (same parent), so that its own run
+    # stays alive and keeps trying; with a uid shared across sandboxes it kills their candidates.
+    "kill_other_pids": "import os, signal, time\n"
+    "end = time.monotonic() + 1.5\n"
+    "while time.monotonic() < end:\n"
+    "    for d in os.listdir('/proc'):\n"
+    "        try:\n"
+    "            pid = int(d)\n"
+    "            if pid != os.getpid() and pid != os.getppid():\n"
+    "                ppid = int(open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()[1])\n"
+    "                if ppid != os.getppid():\n"
+    "                    os.kill(pid, signal.SIGKILL)\n"
+    "        except (ValueError, OSError):\n"
+    "            pass\n"
+    "    time.sleep(0.05)\n" + WRONG_ASSERT,
+    "kill_minus_one": "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + WRONG_ASSERT,
+    "shell_kill_minus_one": "import subprocess\nsubprocess.run(['kill', '-9', '-1'])\n" + WRONG_ASSERT,
+    # Holds as many processes as RLIMIT_NPROC allows; with a shared uid, other runs could not fork at all.
+    "fork_bomb": "import os\n"
+    "try:\n"
+    "    for _ in range(256):\n"
+    "        if os.fork() == 0:\n"
+    f"            os.execv('/bin/sleep', ['sleep', '{MARKER}'])\n"
+    "except OSError:\n"
+    "    pass\n" + PROMPT + "    import time\n    time.sleep(1.5)\n    return a - b\n",
+    "spin": "while True:\n    pass\n" + WRONG_ASSERT,
+    "daemon": "import subprocess\n"
+    f"subprocess.Popen(['sleep', '{MARKER}'], start_new_session=True)\n" + WRONG_ASSERT,
+}
+HOSTILE_STDIO = {
+    "stdio_shell_kill_minus_one": "import os\nos.system('kill -9 -1')\nprint(3)\n",
+    "stdio_spin": "while True:\n    pass\n",
+}
+
+# Workers run a script, not a multiprocessing target: the test module is imported by file path
+# (--import-mode=importlib), so a spawned child could not import a function from it.
+WORKER = """
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+from rewards.code.sandbox import Limits, Sandbox
+
+spec = json.loads(sys.argv[1])
+limits = Limits(timeout_s=spec["timeout_s"], memory_mb=256)
+
+def judge(job):
+    if job["kind"] == "assert":
+        r = sb.run_assert(job["program"], spec["tests"], entry_point="add", prompt=spec["prompt"], limits=limits)
+        return {"passed": r.get("passed") is True, "raw": r}
+    r = sb.run_stdio(job["program"], spec["inputs"], limits=limits)
+    cases = r.get("cases", [])
+    ok = len(cases) == len(spec["outputs"]) and all(
+        c["status"] == "ok" and c["stdout"].strip() == want for c, want in zip(cases, spec["outputs"])
+    )
+    return {"passed": ok, "raw": r}
+
+with Sandbox(mode=spec["mode"]) as sb:
+    with ThreadPoolExecutor(len(spec["jobs"])) as pool:
+        out = list(pool.map(judge, spec["jobs"]))
+print(json.dumps(out))
+"""
+
+
+def _job(name: str, kind: str, program: str, correct: bool) -> dict:
+    return {"name": name, "kind": kind, "program": program, "correct": correct}
+
+
+def _worker_jobs(i: int) -> list[dict]:
+    """Each worker judges slow-correct programs next to its own and the other workers' wrong/hostile ones."""
+    jobs = [_job(f"slow_assert_{i}_{k}", "assert", SLOW_ASSERT, True) for k in range(3)] + [
+        _job(f"slow_stdio_{i}", "stdio", SLOW_STDIO, True),
+        _job(f"wrong_assert_{i}", "assert", WRONG_ASSERT, False),
+        _job(f"wrong_stdio_{i}", "stdio", WRONG_STDIO, False),
+    ]
+    hostile = sorted(HOSTILE.items()) + sorted(HOSTILE_STDIO.items())
+    for name, program in hostile[i::3]:
+        jobs.append(_job(name, "assert" if name in HOSTILE else "stdio", program, False))
+    return jobs
+
+
+def _live_procs(pred) -> list[int]:
+    """Pids matching pred, ignoring zombies (already dead, waiting to be reaped)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+                if stat[stat.rfind(")") + 2] != "Z" and pred(d):
+                    pids.append(int(d))
+            except OSError:
+                continue
+    return pids
+
+
+def _survivors(wait_s: float = 3.0) -> list[int]:
+    def leftover(d: str) -> bool:
+        return (
+            os.stat(f"/proc/{d}").st_uid in UID_RANGE
+            or MARKER.encode() in Path(f"/proc/{d}/cmdline").read_bytes()
+        )
+
+    end = time.monotonic() + wait_s
+    while (pids := _live_procs(leftover)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return pids
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concurrent_sandboxes_in_separate_processes_do_not_interfere(mode):
+    n_workers = 3
+    specs = [
+        {
+            "mode": mode,
+            "timeout_s": 4.0,
+            "prompt": PROMPT,
+            "tests": TESTS,
+            "inputs": STDIO_IN,
+            "outputs": STDIO_OUT,
+            "jobs": _worker_jobs(i),
+        }
+        for i in range(n_workers)
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+            env=env,
+            text=True,
+        )
+        for spec in specs
+    ]
+    wrong: list[str] = []
+    for w, spec in zip(workers, specs):
+        stdout, stderr = w.communicate(timeout=120)
+        assert w.returncode == 0, stderr[-3000:]
+        for job, res in zip(spec["jobs"], json.loads(stdout)):
+            if res["passed"] is not job["correct"]:
+                raw = {k: v for k, v in res["raw"].items() if k != "judge_output_tail"}
+                wrong.append(f"{job['name']}: passed={res['passed']} {json.dumps(raw)[:400]}")
+    assert wrong == [], "\n".join(wrong)
+    assert _survivors() == []
