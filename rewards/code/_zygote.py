@@ -715,6 +715,10 @@ def _supervise(run):
     elapsed = time.monotonic() - t0
     for fd in (g_out_r, j_out_r, v_r):
         os.close(fd)
+    if why == "eof":
+        # The judge has finished, so the candidate reads end-of-file and exits by itself; waiting a moment lets
+        # its exit status tell how it ended instead of only that the clean-up killed it.
+        run.wait_status(gpid, time.monotonic() + 0.2)
     run.kill_all()
     g_code, g_sig = describe_exit(run.wait_status(gpid, time.monotonic() + 0.5))
     out = {
