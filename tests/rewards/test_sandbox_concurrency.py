@@ -8,20 +8,24 @@ or two ``rlplat reward`` commands on one machine are; all its runs are submitted
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from rewards.code.sandbox import _root_mode_available
+from rewards.code import _zygote
+from rewards.code.sandbox import Limits, Sandbox, _root_mode_available
 
 REPO = Path(__file__).resolve().parents[2]
 MODES = ["root", "user"] if _root_mode_available() else ["user"]
-UID_RANGE = range(61000, 61512)  # _zygote.UID_BASE, UID_COUNT
+UID_RANGE = range(_zygote.UID_BASE, _zygote.UID_BASE + _zygote.UID_COUNT)
 MARKER = "424242.4242"  # argv of the sleeps hostile programs leave behind, to find survivors in user mode
 
 PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
@@ -177,3 +181,143 @@ def test_concurrent_sandboxes_in_separate_processes_do_not_interfere(mode):
                 wrong.append(f"{job['name']}: passed={res['passed']} {json.dumps(raw)[:400]}")
     assert wrong == [], "\n".join(wrong)
     assert _survivors() == []
+
+
+HOLDER = """
+import os, sys, time
+from rewards.code._zygote import lease_uid
+uid, _ = lease_uid(os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY), 0)
+print(uid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_uid_leases_are_exclusive_across_processes_and_freed_when_the_holder_dies(tmp_path):
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    held: list[int] = []
+    try:
+        assert holder.stdout is not None
+        assert int(holder.stdout.readline()) == _zygote.UID_BASE
+        first = _zygote.lease_uid(dir_fd, 0)
+        assert first is not None and first[0] == _zygote.UID_BASE + 1
+        held.append(first[1])
+        # Locks belong to open files, not processes: a second lease in this process skips our own uid too.
+        second = _zygote.lease_uid(dir_fd, 1)
+        assert second is not None and second[0] == _zygote.UID_BASE + 2
+        held.append(second[1])
+        holder.kill()
+        holder.wait()
+        # The kernel dropped the dead holder's lock, so its uid is free again.
+        again = _zygote.lease_uid(dir_fd, 0)
+        assert again is not None and again[0] == _zygote.UID_BASE
+        held.append(again[1])
+        while (lease := _zygote.lease_uid(dir_fd, 0)) is not None:
+            held.append(lease[1])
+        assert len(held) == _zygote.UID_COUNT
+    finally:
+        holder.kill()
+        holder.wait()
+        for fd in held:
+            os.close(fd)
+        os.close(dir_fd)
+
+
+def _children(pid: int) -> list[int]:
+    return _live_procs(lambda d: Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid))
+
+
+def _wait_for(pred, wait_s: float = 10.0) -> list[int]:
+    end = time.monotonic() + wait_s
+    while not (pids := _live_procs(pred)) and time.monotonic() < end:
+        time.sleep(0.05)
+    return pids
+
+
+@pytest.mark.skipif(not _root_mode_available(), reason="uid leases are a root-mode feature")
+def test_a_crashed_supervisors_processes_are_killed_and_its_uid_released():
+    marker = "424242.4243"
+    program = f"import subprocess, time\nsubprocess.Popen(['sleep', '{marker}'], start_new_session=True)\ntime.sleep(30)\n"
+    with Sandbox(mode="root") as sb:
+        assert sb._proc is not None
+        zygote = sb._proc.pid
+        result: list[dict] = []
+        t = threading.Thread(
+            target=lambda: result.append(sb.run_stdio(program, [""], limits=Limits(timeout_s=20)))
+        )
+        t.start()
+        try:
+            (daemon,) = _wait_for(lambda d: marker.encode() in Path(f"/proc/{d}/cmdline").read_bytes())
+            uid = os.stat(f"/proc/{daemon}").st_uid
+            assert uid in UID_RANGE
+            (supervisor,) = _children(zygote)
+            os.kill(supervisor, signal.SIGKILL)
+            t.join(timeout=10)
+            assert result and result[0]["status"] == "sandbox_error", result
+            # The zygote sees that the supervisor died before its clean-up and kills the run's processes itself.
+            assert _survivors() == []
+            lock = os.open(f"{_zygote.LEASE_DIR}/{uid}", os.O_RDWR)
+            try:
+                end = time.monotonic() + 3
+                while True:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        assert time.monotonic() < end, f"uid {uid} is still leased after its run died"
+                        time.sleep(0.05)
+            finally:
+                os.close(lock)
+        finally:
+            t.join(timeout=30)
+
+
+@pytest.mark.skipif(not _root_mode_available(), reason="uid leases are a root-mode feature")
+def test_next_lessee_kills_a_crashed_holders_leftovers_and_a_full_range_is_refused():
+    # Prints how many other processes share the candidate's uid: none may, or they could signal it. Zombies
+    # count too (the audit hook keeps the candidate from reading /proc/<pid>/stat), so it looks again for up
+    # to 2 s, while the test reaps the killed leftover.
+    count_uid_mates = (
+        "import os, time\n"
+        "end = time.monotonic() + 2\n"
+        "while True:\n"
+        "    n = 0\n"
+        "    for d in os.listdir('/proc'):\n"
+        "        try:\n"
+        "            n += d.isdigit() and int(d) != os.getpid() and os.stat(f'/proc/{d}').st_uid == os.getuid()\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    if n == 0 or time.monotonic() > end:\n"
+        "        break\n"
+        "    time.sleep(0.05)\n"
+        "print(n)\n"
+    )
+    with Sandbox(mode="root") as sb:
+        dir_fd = os.open(_zygote.LEASE_DIR, os.O_RDONLY | os.O_DIRECTORY)
+        held: dict[int, int] = {}
+        leftover = None
+        try:
+            while (lease := _zygote.lease_uid(dir_fd, 0)) is not None:
+                held[lease[0]] = lease[1]
+            full = sb.run_stdio(count_uid_mates, [""])
+            assert full["status"] == "sandbox_error" and "too many concurrent runs" in full["error"], full
+            # A process left behind under a uid whose holder is gone: the one uid we now give back.
+            uid, fd = held.popitem()
+            leftover = subprocess.Popen(["sleep", MARKER], user=uid, group=uid, start_new_session=True)
+            reaper = threading.Thread(target=leftover.wait)
+            reaper.start()
+            os.close(fd)
+            r = sb.run_stdio(count_uid_mates, [""], limits=Limits(timeout_s=4))
+            assert r["status"] == "done" and r["cases"][0]["stdout"] == "0\n", r
+            reaper.join(timeout=5)
+            assert leftover.returncode == -signal.SIGKILL
+        finally:
+            if leftover is not None and leftover.poll() is None:
+                leftover.kill()
+                leftover.wait()
+            for fd in held.values():
+                os.close(fd)
+            os.close(dir_fd)
