@@ -25,17 +25,17 @@ an audit hook that blocks sockets, writes outside the run dir, fork/exec, kill a
 hooks can be bypassed by a determined attacker, so production runs should use R.
 
 Per-run uids (R) are leased machine-wide, not per fork server: several sandboxes share one machine (threads
-share a fork server; reward workers, Ray actors and CLI runs each start their own), and a uid shared by two
-live runs would let either run's clean-up, or its candidate, kill the other's processes. A lease is an
-exclusive `flock` on LEASE_DIR/<uid>, taken by the zygote before it forks the run's supervisor, which inherits
-the same open file (so the same lock). The lock lives while either still holds it: the supervisor until it has
-killed and reaped the uid's processes and exits, the zygote until it has reaped the supervisor (and, if that
-died before its clean-up, killed the uid's processes itself). The kernel drops a lock when its last holder
-dies, however it dies, so a crash cannot leak a uid; the next lessee of a uid first kills whatever processes
-of it a crashed holder left behind, which is safe because the lock proves that no live run owns it. The uid
-range must not be used by anything else on the machine. Other per-run resources need no lease: run
-directories are created with mkdir (which fails rather than share) under names holding the supervisor's pid
-and random bytes, inside the zygote's private /tmp in R, and mounts live in the zygote's own mount namespace.
+share a fork server; reward workers, Ray actors and CLI runs each start their own), and a uid shared by two live
+runs would let either run's clean-up, or its candidate, kill the other's processes. A lease is an exclusive
+`flock` on LEASE_DIR/<uid>, taken by the zygote before it forks the run's supervisor, which inherits the same
+open file (so the same lock). The lock lives while either still holds it: the supervisor until it has killed and
+reaped the uid's processes, removed its System V IPC objects and exits, the zygote until it has reaped the
+supervisor (and, if that died before its clean-up, cleared the uid itself). The kernel drops a lock when its
+last holder dies, however it dies, so a crash cannot leak a uid; the next lessee of a uid first clears whatever
+a crashed holder left behind, which is safe because the lock proves that no live run owns it. The uid range must
+not be used by anything else on the machine. Other per-run resources need no lease: run directories are created
+with mkdir (which fails rather than share) under names holding the supervisor's pid and random bytes, inside the
+zygote's private /tmp in R, and mounts live in the zygote's own mount namespace.
 
 Wire format: control socket (AF_UNIX SOCK_STREAM) carries one byte plus two fds per run (request read end,
 result write end). Request pipe: frames of 4-byte big-endian length + bytes: header JSON, program, then
@@ -61,6 +61,7 @@ import traceback
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
+IPC_RMID = 0
 UID_BASE, UID_COUNT = 61000, 512
 # Under /run (root-owned, a tmpfs on most hosts, so stale lock files vanish on reboot); never in a directory
 # other users can write, where they could hold or swap the lock files.
@@ -477,6 +478,12 @@ def lease_uid(dir_fd, start):
     return None
 
 
+def clear_uid(uid):
+    """Remove everything of `uid` that outlives a run. Only call this while holding the uid's lease."""
+    kill_uid(uid)
+    remove_ipc_of(uid)
+
+
 def kill_uid(uid):
     """SIGKILL every process of `uid`. Only call this while holding the uid's lease: then all of them are ours."""
     # A second pass is cheap insurance against a child forked while the first kill(-1) walked the process list.
@@ -489,6 +496,29 @@ def kill_uid(uid):
             finally:
                 os._exit(0)
         os.waitpid(pid, 0)
+
+
+def remove_ipc_of(uid):
+    """Delete the System V IPC objects that `uid` created or owns (call after killing its processes).
+
+    Shared memory, message queues and semaphores outlive their creator: left alone they would hold memory and
+    hand data to the uid's next run. The owner can give an object away (IPC_SET), the creator cannot change.
+    """
+    for kind, id_col, remove in (
+        ("shm", "shmid", lambda i: _libc.shmctl(i, IPC_RMID, None)),
+        ("msg", "msqid", lambda i: _libc.msgctl(i, IPC_RMID, None)),
+        ("sem", "semid", lambda i: _libc.semctl(i, 0, IPC_RMID)),
+    ):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header, *rows = f.read().splitlines()
+        except OSError:
+            continue  # a kernel without System V IPC
+        cols = header.split()
+        for row in rows:
+            obj = dict(zip(cols, row.split()))
+            if uid in (int(obj["uid"]), int(obj["cuid"])):
+                remove(int(obj[id_col]))
 
 
 # ---------------------------------------------------------------- supervisor
@@ -521,7 +551,7 @@ class Run:
 
     def kill_all(self):
         if ROOT:
-            kill_uid(self.uid)
+            clear_uid(self.uid)
         else:
             me = str(os.getpid())
             for _ in range(50):
@@ -643,7 +673,7 @@ def supervise(req_fd, res_fd, uid):
         if ROOT:
             # The lease is ours, so any process of this uid is left over from a holder that died before its
             # clean-up; it must not share the uid with this run's candidate.
-            kill_uid(uid)
+            clear_uid(uid)
         result = _supervise(run)
     except BaseException as e:
         result = {
@@ -964,7 +994,7 @@ def main():
             if lease is not None:
                 uid, lock = lease
                 if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0):
-                    kill_uid(uid)  # the supervisor died before its clean-up; its orphans are ours to kill
+                    clear_uid(uid)  # the supervisor died before its clean-up; its orphans are ours to kill
                 os.close(lock)
         if not ROOT:
             me = str(os.getpid())
