@@ -671,8 +671,8 @@ def supervise(req_fd, res_fd, uid):
     clean = False
     try:
         if ROOT:
-            # The lease is ours, so any process of this uid is left over from a holder that died before its
-            # clean-up; it must not share the uid with this run's candidate.
+            # The lease is ours, so any process or IPC object of this uid is left over from a holder that died
+            # before its clean-up; it must not share the uid with this run's candidate.
             clear_uid(uid)
         result = _supervise(run)
     except BaseException as e:
@@ -692,7 +692,7 @@ def supervise(req_fd, res_fd, uid):
             n = os.write(res_fd, data)
             data = data[n:]
     finally:
-        # The exit status tells the zygote whether the uid still needs killing before its lease is released.
+        # The exit status tells the zygote whether the uid still needs clearing before its lease is released.
         os._exit(0 if clean else 1)
 
 
@@ -994,7 +994,7 @@ def main():
             if lease is not None:
                 uid, lock = lease
                 if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0):
-                    clear_uid(uid)  # the supervisor died before its clean-up; its orphans are ours to kill
+                    clear_uid(uid)  # the supervisor died before its clean-up finished
                 os.close(lock)
         if not ROOT:
             me = str(os.getpid())
@@ -1016,15 +1016,20 @@ def main():
             for fd in fds:
                 os.close(fd)
             continue
-        lease = None
+        lease, refusal = None, None
         if ROOT:
-            lease = lease_uid(lease_dir, next_uid)
-            if lease is None:
-                busy = f"too many concurrent runs: all {UID_COUNT} sandbox uids on this machine are in use"
-                os.write(fds[1], json.dumps({"status": "sandbox_error", "error": busy}).encode())
-                os.close(fds[0])
-                os.close(fds[1])
-                continue
+            try:
+                lease = lease_uid(lease_dir, next_uid)
+            except OSError as e:  # e.g. out of file descriptors: refuse this run, keep serving
+                refusal = f"cannot lease a sandbox uid: {e}"
+            if lease is None and refusal is None:
+                refusal = f"too many concurrent runs: all {UID_COUNT} sandbox uids on this machine are in use"
+        if refusal is not None:
+            os.write(fds[1], json.dumps({"status": "sandbox_error", "error": refusal}).encode())
+            os.close(fds[0])
+            os.close(fds[1])
+            continue
+        if lease is not None:
             next_uid = (lease[0] - UID_BASE + 1) % UID_COUNT
         pid = os.fork()
         if pid == 0:

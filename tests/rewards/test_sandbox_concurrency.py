@@ -300,6 +300,7 @@ def test_next_lessee_kills_a_crashed_holders_leftovers_and_a_full_range_is_refus
         held: dict[int, int] = {}
         leftover = None
         try:
+            # For about a second every sandbox on this machine is refused a uid; nothing else runs them in CI.
             while (lease := _zygote.lease_uid(dir_fd, 0)) is not None:
                 held[lease[0]] = lease[1]
             full = sb.run_stdio(count_uid_mates, [""])
