@@ -38,22 +38,21 @@ SLOW_STDIO = "import time\ntime.sleep(1.0)\nprint(sum(map(int, input().split()))
 WRONG_ASSERT = PROMPT + "    return a - b\n"
 WRONG_STDIO = "print(sum(map(int, input().split())) + 1)\n"
 HOSTILE = {
-    # Signals every process it can see for a while, except its own judge (same parent), so that its own run
-    # stays alive and keeps trying; with a uid shared across sandboxes it kills their candidates.
-    "kill_other_pids": "import os, signal, time\n"
+    # Signals every process it can see for a while, through libc so that the audit hook does not see it, but
+    # spares its own uid (its judge) so that its run stays alive and keeps trying; with a uid shared across
+    # sandboxes it kills their candidates.
+    "kill_other_pids": "import ctypes, os, time\n"
+    "libc = ctypes.CDLL(None)\n"
     "end = time.monotonic() + 1.5\n"
     "while time.monotonic() < end:\n"
     "    for d in os.listdir('/proc'):\n"
     "        try:\n"
-    "            pid = int(d)\n"
-    "            if pid != os.getpid() and pid != os.getppid():\n"
-    "                ppid = int(open(f'/proc/{d}/stat').read().rsplit(')', 1)[1].split()[1])\n"
-    "                if ppid != os.getppid():\n"
-    "                    os.kill(pid, signal.SIGKILL)\n"
-    "        except (ValueError, OSError):\n"
+    "            if d.isdigit() and os.stat(f'/proc/{d}').st_uid != os.getuid():\n"
+    "                libc.kill(int(d), 9)\n"
+    "        except OSError:\n"
     "            pass\n"
     "    time.sleep(0.05)\n" + WRONG_ASSERT,
-    "kill_minus_one": "import os, signal\nos.kill(-1, signal.SIGKILL)\n" + WRONG_ASSERT,
+    "kill_minus_one": "import ctypes\nctypes.CDLL(None).kill(-1, 9)\n" + WRONG_ASSERT,
     "shell_kill_minus_one": "import subprocess\nsubprocess.run(['kill', '-9', '-1'])\n" + WRONG_ASSERT,
     # Holds as many processes as RLIMIT_NPROC allows; with a shared uid, other runs could not fork at all.
     "fork_bomb": "import os\n"
