@@ -24,6 +24,19 @@ daemons that called setsid), per-run tmpfs with size and inode limits. N (not ro
 an audit hook that blocks sockets, writes outside the run dir, fork/exec, kill and ctypes; Python audit
 hooks can be bypassed by a determined attacker, so production runs should use R.
 
+Per-run uids (R) are leased machine-wide, not per fork server: several sandboxes share one machine (threads
+share a fork server; reward workers, Ray actors and CLI runs each start their own), and a uid shared by two live
+runs would let either run's clean-up, or its candidate, kill the other's processes. A lease is an exclusive
+`flock` on LEASE_DIR/<uid>, taken by the zygote before it forks the run's supervisor, which inherits the same
+open file (so the same lock). The lock lives while either still holds it: the supervisor until it has killed and
+reaped the uid's processes, removed its System V IPC objects and exits, the zygote until it has reaped the
+supervisor (and, if that died before its clean-up, cleared the uid itself). The kernel drops a lock when its
+last holder dies, however it dies, so a crash cannot leak a uid; the next lessee of a uid first clears whatever
+a crashed holder left behind, which is safe because the lock proves that no live run owns it. The uid range must
+not be used by anything else on the machine. Other per-run resources need no lease: run directories are created
+with mkdir (which fails rather than share) under names holding the supervisor's pid and random bytes, inside the
+zygote's private /tmp in R, and mounts live in the zygote's own mount namespace.
+
 Wire format: control socket (AF_UNIX SOCK_STREAM) carries one byte plus two fds per run (request read end,
 result write end). Request pipe: frames of 4-byte big-endian length + bytes: header JSON, program, then
 (assert mode) the trusted part JSON. Result pipe: one JSON document.
@@ -32,6 +45,7 @@ result write end). Request pipe: frames of 4-byte big-endian length + bytes: hea
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import json
 import os
 import resource
@@ -47,7 +61,11 @@ import traceback
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 32, 4096, 16384
 MNT_DETACH = 2
+IPC_RMID = 0
 UID_BASE, UID_COUNT = 61000, 512
+# Under /run (root-owned, a tmpfs on most hosts, so stale lock files vanish on reboot); never in a directory
+# other users can write, where they could hold or swap the lock files.
+LEASE_DIR = "/run/rlplat-sandbox"
 RPC_MAX = 16 << 20
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 
@@ -426,6 +444,83 @@ def run_judge(trusted, rpc_in, rpc_out, verdict_fd, nonce):
     finish(True)
 
 
+# ---------------------------------------------------------------- machine-wide uid leases (R only)
+
+
+def open_lease_dir():
+    """The directory of uid lock files, opened before the jail's mounts hide /run from this process."""
+    os.makedirs(LEASE_DIR, mode=0o700, exist_ok=True)
+    fd = os.open(LEASE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        os.close(fd)
+        raise PermissionError(
+            f"{LEASE_DIR} must be a directory owned by root and writable only by root; remove it and retry"
+        )
+    return fd
+
+
+def lease_uid(dir_fd, start):
+    """Lock a free uid of the range for one run. Returns (uid, lock fd), or None when every uid is in use.
+
+    Lock files are never deleted: unlinking one while another process has it open would let two runs lock
+    two different files of the same name.
+    """
+    for i in range(UID_COUNT):
+        uid = UID_BASE + (start + i) % UID_COUNT
+        fd = os.open(str(uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return uid, fd
+    return None
+
+
+def clear_uid(uid):
+    """Remove everything of `uid` that outlives a run. Only call this while holding the uid's lease."""
+    kill_uid(uid)
+    remove_ipc_of(uid)
+
+
+def kill_uid(uid):
+    """SIGKILL every process of `uid`. Only call this while holding the uid's lease: then all of them are ours."""
+    # A second pass is cheap insurance against a child forked while the first kill(-1) walked the process list.
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)  # every process of this uid (but this one), wherever it went
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+
+
+def remove_ipc_of(uid):
+    """Delete the System V IPC objects that `uid` created or owns (call after killing its processes).
+
+    Shared memory, message queues and semaphores outlive their creator: left alone they would hold memory and
+    hand data to the uid's next run. The owner can give an object away (IPC_SET), the creator cannot change.
+    """
+    for kind, id_col, remove in (
+        ("shm", "shmid", lambda i: _libc.shmctl(i, IPC_RMID, None)),
+        ("msg", "msqid", lambda i: _libc.msgctl(i, IPC_RMID, None)),
+        ("sem", "semid", lambda i: _libc.semctl(i, 0, IPC_RMID)),
+    ):
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                header, *rows = f.read().splitlines()
+        except OSError:
+            continue  # a kernel without System V IPC
+        cols = header.split()
+        for row in rows:
+            obj = dict(zip(cols, row.split()))
+            if uid in (int(obj["uid"]), int(obj["cuid"])):
+                remove(int(obj[id_col]))
+
+
 # ---------------------------------------------------------------- supervisor
 
 
@@ -444,23 +539,19 @@ class Run:
         return path
 
     def cleanup(self):
+        """Kill and reap everything the run started. Returns whether every child was reaped."""
         self.kill_all()
         for d in self.dirs:
             if ROOT:
                 umount(d)
             shutil.rmtree(d, ignore_errors=True)
+        # The uid's lease ends when this process exits; a zombie left behind would still count against
+        # RLIMIT_NPROC for the uid's next run. Killed processes exit within milliseconds, so this rarely waits.
+        return self.reap(2.0)
 
     def kill_all(self):
         if ROOT:
-            for _ in range(2):
-                pid = os.fork()
-                if pid == 0:
-                    try:
-                        os.setresuid(self.uid, self.uid, self.uid)
-                        os.kill(-1, signal.SIGKILL)  # every process of this run's uid, wherever it went
-                    finally:
-                        os._exit(0)
-                os.waitpid(pid, 0)
+            clear_uid(self.uid)
         else:
             me = str(os.getpid())
             for _ in range(50):
@@ -483,15 +574,16 @@ class Run:
         self.reap(0)
 
     def reap(self, wait_s):
+        """Reap children for up to `wait_s`. Returns True once none are left."""
         end = time.monotonic() + wait_s
         while True:
             try:
                 pid, st = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                return True
             if pid == 0:
                 if time.monotonic() >= end:
-                    return
+                    return False
                 time.sleep(0.005)
             else:
                 self.statuses[pid] = st
@@ -576,7 +668,12 @@ def supervise(req_fd, res_fd, uid):
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     run = Run(req_fd, res_fd, uid)
+    clean = False
     try:
+        if ROOT:
+            # The lease is ours, so any process or IPC object of this uid is left over from a holder that died
+            # before its clean-up; it must not share the uid with this run's candidate.
+            clear_uid(uid)
         result = _supervise(run)
     except BaseException as e:
         result = {
@@ -586,7 +683,7 @@ def supervise(req_fd, res_fd, uid):
         }
     finally:
         try:
-            run.cleanup()
+            clean = run.cleanup()
         except BaseException as e:
             result = {"status": "sandbox_error", "error": f"cleanup failed: {e}"}
     data = json.dumps(result).encode()
@@ -595,7 +692,8 @@ def supervise(req_fd, res_fd, uid):
             n = os.write(res_fd, data)
             data = data[n:]
     finally:
-        os._exit(0)
+        # The exit status tells the zygote whether the uid still needs clearing before its lease is released.
+        os._exit(0 if clean else 1)
 
 
 def _supervise(run):
@@ -647,6 +745,10 @@ def _supervise(run):
     elapsed = time.monotonic() - t0
     for fd in (g_out_r, j_out_r, v_r):
         os.close(fd)
+    if why == "eof":
+        # The judge has finished, so the candidate reads end-of-file and exits by itself; waiting a moment lets
+        # its exit status tell how it ended instead of only that the clean-up killed it.
+        run.wait_status(gpid, time.monotonic() + 0.2)
     run.kill_all()
     g_code, g_sig = describe_exit(run.wait_status(gpid, time.monotonic() + 0.5))
     out = {
@@ -864,33 +966,44 @@ def main():
     if hide == "auto":
         hide = auto_hide_paths()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if ROOT:
-        setup_root_jail(hide)
-    os.makedirs(BASE, mode=0o711, exist_ok=True)
-    os.makedirs(os.path.join(BASE, "empty"), mode=0o555, exist_ok=True)
+    try:
+        lease_dir = open_lease_dir() if ROOT else None
+        if ROOT:
+            setup_root_jail(hide)
+        os.makedirs(BASE, mode=0o711, exist_ok=True)
+        os.makedirs(os.path.join(BASE, "empty"), mode=0o555, exist_ok=True)
+    except OSError as e:
+        ctl.sendall(f"error {e}\n".encode())  # the parent puts this in its start-up error
+        sys.exit(1)
     prctl(PR_SET_CHILD_SUBREAPER, 1)
-    free_uids = list(range(UID_BASE, UID_BASE + UID_COUNT))
-    live = {}  # supervisor pid -> uid
+    # From a random start, then rotating: fork servers started together try different uids first, and a uid is
+    # not leased again by this one right after its release.
+    next_uid = int.from_bytes(os.urandom(2), "big") % UID_COUNT
+    live = {}  # supervisor pid -> its uid lease (uid, lock fd); None in user mode
     ctl.sendall(b"ready " + (b"root" if ROOT else b"user") + b"\n")
     while True:
         r, _, _ = select.select([ctl], [], [], 0.5)
         while True:  # reap supervisors; kill anything else reparented to us (orphans of a killed run)
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, st = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            if pid in live:
-                free_uids.append(live.pop(pid))
+            lease = live.pop(pid, None)
+            if lease is not None:
+                uid, lock = lease
+                if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0):
+                    clear_uid(uid)  # the supervisor died before its clean-up finished
+                os.close(lock)
         if not ROOT:
             me = str(os.getpid())
             for d in os.listdir("/proc"):
                 if d.isdigit() and int(d) not in live:
                     try:
                         with open(f"/proc/{d}/stat") as f:
-                            st = f.read()
-                        if st[st.rfind(")") + 2 :].split()[1] == me:
+                            stat = f.read()
+                        if stat[stat.rfind(")") + 2 :].split()[1] == me:
                             os.kill(int(d), signal.SIGKILL)
                     except OSError:
                         pass
@@ -903,23 +1016,33 @@ def main():
             for fd in fds:
                 os.close(fd)
             continue
-        if not free_uids:
-            os.write(
-                fds[1], json.dumps({"status": "sandbox_error", "error": "too many concurrent runs"}).encode()
-            )
+        lease, refusal = None, None
+        if ROOT:
+            try:
+                lease = lease_uid(lease_dir, next_uid)
+            except OSError as e:  # e.g. out of file descriptors: refuse this run, keep serving
+                refusal = f"cannot lease a sandbox uid: {e}"
+            if lease is None and refusal is None:
+                refusal = f"too many concurrent runs: all {UID_COUNT} sandbox uids on this machine are in use"
+        if refusal is not None:
+            os.write(fds[1], json.dumps({"status": "sandbox_error", "error": refusal}).encode())
             os.close(fds[0])
             os.close(fds[1])
             continue
-        uid = free_uids.pop(0) if ROOT else os.getuid()
+        if lease is not None:
+            next_uid = (lease[0] - UID_BASE + 1) % UID_COUNT
         pid = os.fork()
         if pid == 0:
             ctl.close()
-            supervise(fds[0], fds[1], uid)
-        if ROOT:
-            live[pid] = uid
-        else:
-            live[pid] = uid
-            free_uids.append(uid)
+            # The supervisor keeps its inherited copy of its own lock fd (the same lock) until it exits. Copies
+            # of other runs' locks would keep their uids leased until this run ends.
+            if ROOT:
+                os.close(lease_dir)
+            for other in live.values():
+                if other is not None:
+                    os.close(other[1])
+            supervise(fds[0], fds[1], lease[0] if lease else os.getuid())
+        live[pid] = lease
         os.close(fds[0])
         os.close(fds[1])
 

@@ -8,6 +8,11 @@ Label formats (``sample.label``, a dict):
 
 Only plain data crosses from candidate to tests, so tests that pass callbacks into the candidate, inspect
 objects it returns, or rely on its printed output are not supported by the assert mode.
+
+How the candidate ended is in ``info``: assert mode ``exit_code`` and ``signal`` of the candidate process,
+stdio mode ``exit_codes`` and ``signals`` with one entry per case. A signal is a name ("SIGKILL" after a
+timeout or when the sandbox stopped it, "SIGSEGV", ...) with ``None`` as the exit code; a normal exit has
+its code and ``None`` as the signal; both are ``None`` when the process did not run.
 """
 
 from __future__ import annotations
@@ -84,7 +89,13 @@ def judge_code(
             extracted=code[:2000],
             verdict=r.get("status", "sandbox_error"),
             error=err,
-            info={"detail": r.get("error"), "time_s": r.get("time_s"), "mode": "assert"},
+            info={
+                "detail": r.get("error"),
+                "time_s": r.get("time_s"),
+                "mode": "assert",
+                "exit_code": r.get("candidate_exit"),
+                "signal": r.get("candidate_signal"),
+            },
         )
     if "inputs" in label and "outputs" in label:
         inputs, outputs = label["inputs"], label["outputs"]
@@ -104,7 +115,12 @@ def judge_code(
                 extracted=code[:2000],
                 verdict=r.get("status"),
                 error=err,
-                info={"detail": (r.get("error") or "")[-2000:], "cases": [r.get("status")] * len(inputs)},
+                info={
+                    "detail": (r.get("error") or "")[-2000:],
+                    "cases": [r.get("status")] * len(inputs),
+                    "exit_codes": [None] * len(inputs),
+                    "signals": [None] * len(inputs),
+                },
             )
         statuses = []
         for case, expected in zip(r["cases"], outputs):
@@ -122,7 +138,12 @@ def judge_code(
             score=score,
             extracted=code[:2000],
             verdict=verdict,
-            info={"cases": statuses, "stderr_tail": [c.get("stderr_tail", "")[-300:] for c in r["cases"]]},
+            info={
+                "cases": statuses,
+                "stderr_tail": [c.get("stderr_tail", "")[-300:] for c in r["cases"]],
+                "exit_codes": [c.get("exit_code") for c in r["cases"]],
+                "signals": [c.get("signal") for c in r["cases"]],
+            },
         )
     raise ValueError("code label needs 'tests' (assert mode) or 'inputs' and 'outputs' (stdio mode)")
 

@@ -7,7 +7,8 @@ Isolation is described in ``_zygote.py``. Which mode a host gets:
   sockets, writes outside the run dir, fork/exec and signals. Best effort; C/C++ are refused in this mode.
 
 ``Sandbox`` is thread-safe: each run has its own pipes, so a pool of threads calling ``run_*`` gets as many
-concurrent runs (the fork server itself only forks).
+concurrent runs (the fork server itself only forks). Sandboxes in different processes on one machine (reward
+workers, Ray actors) do not share per-run uids: root mode leases them machine-wide (see ``_zygote.py``).
 """
 
 from __future__ import annotations

@@ -101,3 +101,28 @@ def test_helpers():
     )
     assert outputs_match("1 \n2\n\n", "1\n2") and not outputs_match("1 \n2", "1\n2", "exact")
     assert outputs_match("1  2\n", "1 2", "tokens")
+
+
+def test_exit_code_and_signal_are_reported():
+    code = (
+        "import os, signal, sys\n"
+        "how = input()\n"
+        "if how == 'exit':\n    sys.exit(4)\n"
+        "if how == 'segv':\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "print(1)\n"
+    )
+    r = judge_code(code, {"inputs": ["ok", "exit", "segv"], "outputs": ["1"] * 3}, extract=False)
+    assert r.info["cases"] == ["passed", "runtime_error", "runtime_error"]
+    assert r.info["exit_codes"] == [0, 4, None]
+    assert r.info["signals"] == [None, None, "SIGSEGV"]
+
+    label = {"tests": "assert sq(3) == 9\n"}
+    correct = judge_code("def sq(x):\n    return x * x\n", label)
+    assert (correct.score, correct.info["exit_code"], correct.info["signal"]) == (1.0, 0, None)
+    exits = judge_code("import os\nos._exit(3)\n", label)
+    assert (exits.score, exits.info["exit_code"], exits.info["signal"]) == (0.0, 3, None)
+    crash = judge_code("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n", label)
+    assert (crash.score, crash.info["exit_code"], crash.info["signal"]) == (0.0, None, "SIGSEGV")
+    # A candidate still running at the deadline is killed by the sandbox.
+    spin = judge_code("while True:\n    pass\n", label, timeout_s=1.0)
+    assert (spin.verdict, spin.info["exit_code"], spin.info["signal"]) == ("timeout", None, "SIGKILL")

@@ -248,3 +248,26 @@ def test_data_on_disk_is_hidden_in_root_mode(sandbox):
         + "    return a + b if found else 0\n"
     )
     assert_fails_then_recovers(sandbox, probe)
+
+
+def _sysv_ids(kind: str) -> set[int]:
+    rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]
+    return {int(row.split()[1]) for row in rows}
+
+
+def test_system_v_ipc_objects_do_not_outlive_the_run(sandbox):
+    """Shared memory, message queues and semaphores outlive processes; they must not outlive the run."""
+    if sandbox.mode != "root":
+        pytest.skip("native calls (ctypes) are refused in the user mode")
+    program = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None)\n"
+        "flags = 0o1000 | 0o666\n"  # IPC_CREAT, readable and writable by every uid
+        "print('ids', libc.shmget(0, 1 << 20, flags), libc.msgget(0, flags), libc.semget(0, 1, flags), flush=True)\n"
+        + PROMPT
+        + "    return 0\n"
+    )
+    r = assert_fails_then_recovers(sandbox, program)
+    shm, msg, sem = (int(x) for x in r["stdout_tail"].split("ids", 1)[1].split())
+    assert min(shm, msg, sem) >= 0, r["stdout_tail"]
+    assert shm not in _sysv_ids("shm") and msg not in _sysv_ids("msg") and sem not in _sysv_ids("sem")
