@@ -5,10 +5,11 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from rlplat.bench import model, rollout, train
+    from rlplat.bench import kernels, model, rollout, train
 
     p = sub.add_parser("bench", help="benchmarks (results are written to a file naming the hardware)")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
+    kernels.register(bench_sub)
     model.register(bench_sub)
     train.register(bench_sub)
     rollout.register(bench_sub)

@@ -275,20 +275,26 @@ def bench_decode(settings: Settings, log: Callable[[str], None]) -> tuple[list[d
             checks.append({"layer": kind, "layer_index": idx, "precision": precision, **check})
         x = torch.randn(B, 1, cfg.hidden_size, generator=gen).to(dtype)
         state0 = torch.randn(B, H, D, D, generator=gen) * 0.02
+        C = kernels.get_mode().chunk_size
+        chunk0 = [torch.randn(B, H, C, D, generator=gen).to(dtype) for _ in range(2)]
         for L in settings.decode_contexts:
             pos = torch.full((B, 1), L)
-            # Capacity L + 1: the step writes position L without growing the cache. The layers replace cache
-            # tensors rather than write into them, so every repeat starts from the same state.
-            kv0 = [torch.randn(B, L + 1, G, D, generator=gen).to(dtype) for _ in range(2)]
+            # The caches in each mode's layout (rlplat.models.cache), random rather than prefilled: a step's cost
+            # depends only on their shapes. The softmax cache has room for position L, so it never grows; the step
+            # writes the same key there every repeat, and the linear layers replace their state tensors.
+            kv0 = [torch.randn(B, G, L + 1, D, generator=gen) for _ in range(2)]
+            chunk = [torch.where(torch.arange(C)[:, None] < L % C, t, 0) for t in chunk0]
             new_cache = {
-                "linear": partial(LayerCache, state_BHDD=state0),
-                "softmax": partial(LayerCache, k_BLGD=kv0[0], v_BLGD=kv0[1]),
+                ("linear", True): partial(LayerCache, state0, *chunk),
+                ("linear", False): partial(LayerCache, state0),
+                ("softmax", True): partial(LayerCache, k_BGLD=kv0[0], v_BGLD=kv0[1]),
+                ("softmax", False): partial(LayerCache, k_BGLD=kv0[0], v_BGLD=kv0[1]),
             }
             fns = {
                 (path, kind, part): in_mode(invariant, fn)
                 for path, invariant in PATHS.items()
                 for kind, layer in layers.items()
-                for part, fn in decode_steps(layer, x, pos, rope, new_cache[kind]).items()
+                for part, fn in decode_steps(layer, x, pos, rope, new_cache[kind, invariant]).items()
             }
             for (path, kind, part), times in interleaved_seconds(fns, settings.decode_repeats, 2).items():
                 rows.append(

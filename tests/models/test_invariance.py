@@ -12,7 +12,8 @@ import torch
 
 from rlplat.models import RingLinearForCausalLM, preset, to_precision
 
-LENGTHS = (1, 63, 64, 65, 300)
+# around the linear-attention chunk (64) and softmax key-block (256) edges, and one long sequence
+LENGTHS = (1, 63, 64, 65, 127, 128, 129, 300, 1000)
 PRECISIONS = ("fp32", "bf16", "fp8")
 
 
@@ -111,7 +112,7 @@ def test_alone_equals_padded_batch(model):
         assert_bitwise(a, b, f"length {n}: alone vs padded batch")
 
 
-@pytest.mark.parametrize("n", [1, 63, 65])
+@pytest.mark.parametrize("n", LENGTHS)
 def test_alone_equals_token_by_token(model, n):
     (seq,) = sequences([n], seed=2)
     assert_bitwise(
@@ -119,11 +120,24 @@ def test_alone_equals_token_by_token(model, n):
     )
 
 
-@pytest.mark.parametrize(("n", "prefill"), [(65, 64), (300, 63), (300, 200)])
+@pytest.mark.parametrize(("n", "prefill"), [(65, 64), (129, 65), (300, 63), (300, 200), (300, 255), (300, 256)])
 def test_alone_equals_prefill_then_decode(model, n, prefill):
     (seq,) = sequences([n], seed=3)
     got = logprobs_prefill_then_decode(model, seq, prefill)
     assert_bitwise(logprobs_alone(model, seq), got, f"length {n}: prefill {prefill} + decode")
+
+
+@torch.no_grad()
+def test_alone_equals_chunked_prefill(model):
+    """A prompt prefilled in pieces of any size (as vLLM schedules a long prompt), then decoded."""
+    (seq,) = sequences([300], seed=6)
+    cache, out, start = model.new_cache(1), [], 0
+    for piece in (37, 64, 1, 90, 108):
+        s = slice(start, start + piece)
+        lp, _ = model.token_logprobs(seq[None, s], seq[None, s.start + 1 : s.stop + 1], cache=cache)
+        out.append(lp[0])
+        start += piece
+    assert_bitwise(logprobs_alone(model, seq), torch.cat(out), "chunked prefill")
 
 
 def test_alone_equals_batched_decode(model):

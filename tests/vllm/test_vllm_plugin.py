@@ -60,11 +60,13 @@ def save_tiny_checkpoint(path: Path, seed: int) -> Path:
 
 def prompts() -> tuple[list[list[int]], list[list[int]]]:
     """Prompts of mixed lengths, one longer than the token budget (a chunked prefill), and follow-ups that
-    extend it past one KV block (vLLM picks 128 tokens here), so they resume from cached state."""
+    extend it past one KV block, so they resume from cached state. vLLM sizes a block so that its attention page
+    holds one linear layer's state (here the fp32 chunk-start state plus a 64-token chunk of keys and values:
+    256 tokens)."""
     gen = torch.Generator().manual_seed(1)
-    first = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 5, 17, 150, 33)]
+    first = [torch.randint(3, 512, (n,), generator=gen).tolist() for n in (1, 5, 17, 300, 33)]
     long = first[3]
-    return first, [[*long[:135], 7, 8, 9], [*long[:130], 10, 11]]
+    return first, [[*long[:270], 7, 8, 9], [*long[:265], 10, 11]]
 
 
 @pytest.fixture(scope="module", params=["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
@@ -80,7 +82,7 @@ def run(request, tmp_path_factory):
         "temperature": 1.0,
         "max_tokens": 12,
         "seed": 0,
-        "max_model_len": 256,
+        "max_model_len": 512,
         "max_num_seqs": 8,
         "max_num_batched_tokens": 64,
         # vLLM reports the model's "logits" (rlplat's log-probs) unchanged; see RingLinearForVLLM.compute_logits
@@ -145,7 +147,7 @@ def test_vllm_logprobs_match_rlplat(run):
     samples, all_prompts = out["before"], spec["prompts"] + spec["followups"]
     assert [len(g) for g in samples] == [spec["n"]] * len(all_prompts)
     assert all(len(s["tokens"]) == spec["max_tokens"] for g in samples for s in g)
-    assert out["prefix_cache_hits"] >= 2 * 128, "the follow-up prompts did not reuse the cached prefix"
+    assert out["prefix_cache_hits"] >= 2 * 256, "the follow-up prompts did not reuse the cached prefix"
     r = report(*rlplat_logprobs(spec["model"], spec["dtype"], all_prompts, samples))
     print(
         f"\nvLLM vs rlplat ({spec['dtype']}, before update): {r}; prefix-cache hits "
