@@ -120,7 +120,9 @@ def test_alone_equals_token_by_token(model, n):
     )
 
 
-@pytest.mark.parametrize(("n", "prefill"), [(65, 64), (129, 65), (300, 63), (300, 200), (300, 255), (300, 256)])
+@pytest.mark.parametrize(
+    ("n", "prefill"), [(65, 64), (129, 65), (300, 63), (300, 200), (300, 255), (300, 256)]
+)
 def test_alone_equals_prefill_then_decode(model, n, prefill):
     (seq,) = sequences([n], seed=3)
     got = logprobs_prefill_then_decode(model, seq, prefill)
