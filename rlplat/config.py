@@ -47,6 +47,11 @@ class ModelSection(Section):
         default_factory=dict, description="HF config.json fields to change on the preset, by their HF names."
     )
     seed: int = Field(0, description="Seed of the random initialisation when starting from a preset.")
+    device: str = Field(
+        "cpu",
+        pattern=r"^(cpu|cuda(:\d+)?)$",
+        description="Device of the embedded rollout engine's and the torch trainer's model: cpu, cuda or cuda:N.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:

@@ -16,9 +16,9 @@ def _reset_kernel_mode():
     """Every test starts in the default kernel mode, whatever the previous one set."""
     import kernels
 
-    previous = kernels.set_mode("reference", True)
+    previous = kernels.set_mode("reference", True, 64)
     yield
-    kernels.set_mode(previous.backend, previous.batch_invariant)
+    kernels.restore_mode(previous)
 
 
 @pytest.fixture(autouse=True)

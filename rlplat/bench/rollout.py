@@ -409,7 +409,7 @@ def run(settings: Settings, out_dir: str | Path, console: Console | None = None)
                 throughput += rows
                 decode += dec
     finally:
-        kernels.set_mode(previous.backend, previous.batch_invariant)
+        kernels.restore_mode(previous)
     payload = {
         "settings": asdict(settings),
         "kernels": {"backend": "reference", "batch_invariant": True, "precision": "fp32"},

@@ -20,8 +20,12 @@ if TYPE_CHECKING:
     from rlplat.config import ModelSection
 
 
-def build_policy(model: ModelSection, device: torch.device | str = "cpu") -> RingLinearForCausalLM:
-    """The policy of ``model`` (a ``rlplat.config.ModelSection``) in eval mode at its precision."""
+def build_policy(model: ModelSection, device: torch.device | str | None = None) -> RingLinearForCausalLM:
+    """The policy of ``model`` (a ``rlplat.config.ModelSection``) in eval mode at its precision, on ``device``
+    (default ``model.device``)."""
+    device = torch.device(device if device is not None else model.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device={device} but this machine has no CUDA device; use model.device=cpu")
     if model.path is not None:
         if model.overrides:
             raise ValueError(

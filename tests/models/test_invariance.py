@@ -1,8 +1,9 @@
 """The platform's core promise: a sequence's log-probs are bitwise identical however they are computed.
 
 (a) alone, (b) inside a right-padded batch of other lengths, (c) token by token with caches, (d) a prefill of
-part of the sequence followed by decode steps, and (e) decode batched with other sequences at other
-positions, in fp32, bf16 and FP8 mode, across lengths that cross chunk boundaries.
+part of the sequence followed by decode steps, (e) a prefill in pieces, and (f) decode batched with other
+sequences at other positions, in fp32, bf16 and FP8 mode, across lengths that cross chunk boundaries. On the
+CPU with the reference kernels; on a GPU (marker ``gpu``) the same tests run with the Triton kernels.
 """
 
 import copy
@@ -10,15 +11,42 @@ import copy
 import pytest
 import torch
 
+import kernels
 from rlplat.models import RingLinearForCausalLM, preset, to_precision
 
 # around the linear-attention chunk (64) and softmax key-block (256) edges, and one long sequence
 LENGTHS = (1, 63, 64, 65, 127, 128, 129, 300, 1000)
 PRECISIONS = ("fp32", "bf16", "fp8")
+SETUPS = [pytest.param((p, "cpu"), id=p) for p in PRECISIONS] + [
+    pytest.param((p, "cuda"), id=f"{p}-cuda", marks=pytest.mark.gpu) for p in PRECISIONS
+]
 
 
-@pytest.fixture(scope="module", params=PRECISIONS)
+class OnDevice:
+    """The model on its device with that device's kernels (GPU: Triton), fed CPU tensors, returning CPU tensors."""
+
+    def __init__(self, model: RingLinearForCausalLM, device: str):
+        self.model = model.to(device)
+        self.device = device
+        self.backend = "triton" if device == "cuda" else "reference"
+
+    def token_logprobs(self, ids, targets, cache=None, lengths_B=None):
+        to = lambda t: None if t is None else t.to(self.device)
+        with kernels.kernel_mode(backend=self.backend):
+            logp, entropy = self.model.token_logprobs(
+                to(ids), to(targets), cache=cache, lengths_B=to(lengths_B)
+            )
+        return logp.cpu(), entropy.cpu()
+
+    def new_cache(self, batch: int):
+        return self.model.new_cache(batch)
+
+
+@pytest.fixture(scope="module", params=SETUPS)
 def model(request):
+    precision, device = request.param
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
     torch.manual_seed(0)
     m = RingLinearForCausalLM(preset("tiny"))
     m.reset_parameters(seed=0)
@@ -28,12 +56,12 @@ def model(request):
         if hasattr(layer.mlp, "gate"):
             layer.mlp.gate.expert_bias.copy_(torch.randn(layer.mlp.gate.expert_bias.shape) * 0.05)
             layer.mlp.gate.weight.data.mul_(20)
-    m = to_precision(m, request.param)
+    m = to_precision(m, precision)
     assert (
         m.model.rope_cos.dtype == torch.float32
         and m.model.layers[1].mlp.gate.expert_bias.dtype == torch.float32
     )
-    return m.eval()
+    return OnDevice(m.eval(), device)
 
 
 def sequences(lengths, seed=1):
@@ -152,9 +180,7 @@ def test_alone_equals_batched_decode(model):
 
 def test_plain_mode_is_not_invariant_by_accident(tiny_model_fp32):
     """Sanity check that the tests above can fail: the plain (non-invariant) kernels differ between paths."""
-    import kernels
-
-    m = copy.deepcopy(tiny_model_fp32)
+    m = OnDevice(copy.deepcopy(tiny_model_fp32), "cpu")
     (seq,) = sequences([65], seed=5)
     with kernels.kernel_mode(batch_invariant=False):
         alone = logprobs_alone(m, seq)

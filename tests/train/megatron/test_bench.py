@@ -26,7 +26,7 @@ def test_bench_runs_and_reports_alignment(tmp_path, monkeypatch):
         ps.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
-        kernels.set_mode(previous.backend, previous.batch_invariant)
+        kernels.restore_mode(previous)
     for precision in ("bf16", "fp8"):
         # one rank, rlplat's kernels on both sides (FP8 too): the trainer computes the rollout's log-probs
         assert results[precision]["alignment"] == {"bitwise": True, "max_abs_dlogp": 0.0, "mismatch_kl": 0.0}
