@@ -25,6 +25,8 @@ from kernels.linear_attention import triton as impl  # noqa: E402
 pytestmark = pytest.mark.triton
 DEVICE = "cpu" if INTERPRET else "cuda"
 C = 16
+# a chunk of two 16-row query tiles: a token in its second half exercises a tile offset inside the chunk
+WIDE = 32
 # the model's D^-0.5 would be a power of two at D = 16 and hide a reordered scaling from the bitwise tests
 SCALE = 0.3
 # (B, T, H, D): T = 1, a chunk minus one, a chunk, a chunk plus one, two chunks plus one; D = 48 is padded to 64.
@@ -58,32 +60,32 @@ def inputs(B, T, H, D, dtype=torch.float32, seed=0):
     return q, k, v, log_decay
 
 
-def training(fn, q, k, v, log_decay, do):
+def training(fn, q, k, v, log_decay, do, chunk=C):
     """(o, dq, dk, dv) of a training forward and backward."""
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, state = fn(*leaves, log_decay, SCALE, C)
+    o, state = fn(*leaves, log_decay, SCALE, chunk)
     assert state is None
     o.backward(do)
     return [o.detach()] + [t.grad for t in leaves]
 
 
 @torch.no_grad()
-def rollout(fn, q, k, v, log_decay, state=None, start=0, lengths=None):
+def rollout(fn, q, k, v, log_decay, state=None, start=0, lengths=None, chunk=C):
     """A prefill (or, for T = 1, a decode step) of all rows from ``start``, ``lengths`` real tokens (default T)."""
     B, T = q.shape[:2]
     start, lengths = (
         torch.as_tensor(x, device=DEVICE).expand(B).clone()
         for x in (start, T if lengths is None else lengths)
     )
-    return fn(q, k, v, log_decay, SCALE, C, state, start, lengths)
+    return fn(q, k, v, log_decay, SCALE, chunk, state, start, lengths)
 
 
-def decode_each(q, k, v, log_decay, state, start):
+def decode_each(q, k, v, log_decay, state, start, chunk=C):
     """Token by token through the decode path; returns (o of every token, state after the last)."""
     outs = []
     for t in range(q.shape[1]):
         step = (x[:, t : t + 1] for x in (q, k, v))
-        o, state = rollout(impl.aligned_linear_attention, *step, log_decay, state, start + t, 1)
+        o, state = rollout(impl.aligned_linear_attention, *step, log_decay, state, start + t, 1, chunk)
         outs.append(o)
     return torch.cat(outs, dim=1), state
 
@@ -104,29 +106,31 @@ def assert_states_equal(a, b):
 # Parity with the reference -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_training_forward_and_backward_match_reference(shape):
+@pytest.mark.parametrize(("shape", "chunk"), [*((s, C) for s in SHAPES), ((2, 40, 2, 16), WIDE)])
+def test_training_forward_and_backward_match_reference(shape, chunk):
     q, k, v, log_decay = inputs(*shape)
     do = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    ours = training(impl.aligned_linear_attention, q, k, v, log_decay, do)
-    theirs = training(ref.aligned_linear_attention, q, k, v, log_decay, do)
+    ours = training(impl.aligned_linear_attention, q, k, v, log_decay, do, chunk)
+    theirs = training(ref.aligned_linear_attention, q, k, v, log_decay, do, chunk)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, theirs, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.isfinite(a).all(), f"{name}: an element was not written"
         assert rel_err(a, b) < FP32_RTOL, (name, rel_err(a, b))
-    again = training(impl.aligned_linear_attention, q, k, v, log_decay, do)
+    again = training(impl.aligned_linear_attention, q, k, v, log_decay, do, chunk)
     assert all(torch.equal(a, b) for a, b in zip(ours, again)), "the backward is not deterministic"
 
 
-@pytest.mark.parametrize("shape", [(3, 17, 2, 16), (2, 15, 1, 48)])
-def test_prefill_continuation_and_decode_match_reference(shape):
+@pytest.mark.parametrize(
+    ("shape", "chunk"), [((3, 17, 2, 16), C), ((2, 15, 1, 48), C), ((3, 17, 1, 16), WIDE)]
+)
+def test_prefill_continuation_and_decode_match_reference(shape, chunk):
     """Right-padded prefill from empty, a continuation at each row's own offset inside a chunk, then one batched
     decode step with a padding row; outputs of real tokens and the returned states against the reference."""
     B, T, H, D = shape
     q, k, v, log_decay = inputs(*shape)
     lengths = torch.tensor([T, 1, T - 4][:B], device=DEVICE)
-    ours = rollout(impl.aligned_linear_attention, q, k, v, log_decay, None, 0, lengths)
-    theirs = rollout(ref.aligned_linear_attention, q, k, v, log_decay, None, 0, lengths)
+    ours = rollout(impl.aligned_linear_attention, q, k, v, log_decay, None, 0, lengths, chunk)
+    theirs = rollout(ref.aligned_linear_attention, q, k, v, log_decay, None, 0, lengths, chunk)
     real = (torch.arange(T, device=DEVICE)[None, :] < lengths[:, None])[..., None, None]
     assert torch.isfinite(ours[0]).all()
     assert rel_err(ours[0] * real, theirs[0] * real) < FP32_RTOL
@@ -134,8 +138,8 @@ def test_prefill_continuation_and_decode_match_reference(shape):
 
     q2, k2, v2, _ = inputs(*shape, seed=1)
     lengths2 = torch.tensor([T - 2, T, 3][:B], device=DEVICE)
-    ours = rollout(impl.aligned_linear_attention, q2, k2, v2, log_decay, ours[1], lengths, lengths2)
-    theirs = rollout(ref.aligned_linear_attention, q2, k2, v2, log_decay, theirs[1], lengths, lengths2)
+    ours = rollout(impl.aligned_linear_attention, q2, k2, v2, log_decay, ours[1], lengths, lengths2, chunk)
+    theirs = rollout(ref.aligned_linear_attention, q2, k2, v2, log_decay, theirs[1], lengths, lengths2, chunk)
     real = (torch.arange(T, device=DEVICE)[None, :] < lengths2[:, None])[..., None, None]
     assert rel_err(ours[0] * real, theirs[0] * real) < FP32_RTOL
     assert_state_close(ours[1], theirs[1])
@@ -143,8 +147,8 @@ def test_prefill_continuation_and_decode_match_reference(shape):
     q3, k3, v3, _ = inputs(B, 1, H, D, seed=2)
     start, step = lengths + lengths2, torch.ones(B, dtype=torch.long, device=DEVICE)
     step[-1] = 0  # the last row is padding in this step
-    ours = rollout(impl.aligned_linear_attention, q3, k3, v3, log_decay, ours[1], start, step)
-    theirs = rollout(ref.aligned_linear_attention, q3, k3, v3, log_decay, theirs[1], start, step)
+    ours = rollout(impl.aligned_linear_attention, q3, k3, v3, log_decay, ours[1], start, step, chunk)
+    theirs = rollout(ref.aligned_linear_attention, q3, k3, v3, log_decay, theirs[1], start, step, chunk)
     assert rel_err(ours[0][:-1], theirs[0][:-1]) < FP32_RTOL
     assert_state_close(ours[1], theirs[1])
 
@@ -189,22 +193,53 @@ def test_rows_in_a_padded_batch_equal_rows_alone():
         assert_states_equal((x[i] for x in state), (x[0] for x in alone_state))
 
 
-@pytest.mark.parametrize("split", [1, 7, 15, 16, 17, 30])
-def test_prefill_split_at_any_offset_then_prefill_or_decode(split):
+@pytest.mark.parametrize(
+    ("chunk", "split"), [(C, 1), (C, 7), (C, 15), (C, 16), (C, 17), (C, 30), (WIDE, 20), (WIDE, 31)]
+)
+def test_prefill_split_at_any_offset_then_prefill_or_decode(chunk, split):
     T = 33
     q, k, v, log_decay = inputs(1, T, 2, 16)
-    full, _ = impl.aligned_linear_attention(q, k, v, log_decay, SCALE, C)
-    head, state = rollout(impl.aligned_linear_attention, q[:, :split], k[:, :split], v[:, :split], log_decay)
-    tail = (x[:, split:] for x in (q, k, v))
-    rest, end_state = rollout(impl.aligned_linear_attention, *tail, log_decay, state, split)
+    full, _ = impl.aligned_linear_attention(q, k, v, log_decay, SCALE, chunk)
+    head, state = rollout(
+        impl.aligned_linear_attention, *(x[:, :split] for x in (q, k, v)), log_decay, chunk=chunk
+    )
+    tail = [x[:, split:] for x in (q, k, v)]
+    rest, end_state = rollout(impl.aligned_linear_attention, *tail, log_decay, state, split, chunk=chunk)
     assert torch.equal(torch.cat([head, rest], dim=1), full)
-    _, whole_state = rollout(impl.aligned_linear_attention, q, k, v, log_decay)
+    _, whole_state = rollout(impl.aligned_linear_attention, q, k, v, log_decay, chunk=chunk)
     assert_states_equal(end_state, whole_state)
-    if split in (7, 16):  # and the same continuation token by token
-        tail = [x[:, split:] for x in (q, k, v)]
-        tokens, tok_state = decode_each(*tail, log_decay, state, split)
+    if split in (7, 16, 20):  # and the same continuation token by token
+        tokens, tok_state = decode_each(*tail, log_decay, state, split, chunk)
         assert torch.equal(torch.cat([head, tokens], dim=1), full)
         assert_states_equal(tok_state, whole_state)
+
+
+@pytest.mark.parametrize("chunk", [C, WIDE])
+def test_batched_continuation_at_mixed_offsets_equals_rows_alone(chunk):
+    """Rows continue at offsets 3, 16 and 21 in one right-padded prefill: each real token equals its training
+    output, and each row's state equals the one a prefill of its real tokens alone leaves."""
+    prefixes, lengths, T = (3, 16, 21), (14, 5, 9), 14
+    seqs = [inputs(1, 40, 2, 16, seed=i) for i in range(3)]
+    log_decay = seqs[0][3]
+    states, x = [], [[], [], []]
+    for (q, k, v, _), n in zip(seqs, prefixes):
+        states.append(
+            rollout(impl.aligned_linear_attention, q[:, :n], k[:, :n], v[:, :n], log_decay, chunk=chunk)[1]
+        )
+        for xs, t in zip(x, (q, k, v)):
+            xs.append(t[:, n : n + T])
+    state = ref.ChunkState(*(torch.cat(s) for s in zip(*states)))
+    batch = [torch.cat(xs) for xs in x]
+    o, state = rollout(impl.aligned_linear_attention, *batch, log_decay, state, prefixes, lengths, chunk)
+    for b, ((q, k, v, _), n, m) in enumerate(zip(seqs, prefixes, lengths)):
+        full, _ = impl.aligned_linear_attention(
+            q[:, : n + m], k[:, : n + m], v[:, : n + m], log_decay, SCALE, chunk
+        )
+        assert torch.equal(o[b, :m], full[0, n:])
+        _, alone = rollout(
+            impl.aligned_linear_attention, q[:, : n + m], k[:, : n + m], v[:, : n + m], log_decay, chunk=chunk
+        )
+        assert_states_equal((s[b] for s in state), (s[0] for s in alone))
 
 
 def test_batched_decode_at_mixed_positions_with_a_padding_row():
