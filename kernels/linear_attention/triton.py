@@ -1,5 +1,5 @@
-"""Linear attention with per-head scalar decay (Lightning attention) in Triton, forward and backward, in two forms:
-the plain chunked form (``chunk_linear_attention``, plain kernel mode) and the chunk-aligned, batch-invariant form
+"""Linear attention with per-head scalar decay (Lightning attention) in Triton, forward and backward, in two
+forms: the plain chunked form (``chunk_linear_attention``, plain kernel mode) and the chunk-aligned form
 (``aligned_linear_attention``, batch-invariant mode).
 
 Legend: B batch, T time, H heads, D head dim (keys and values alike), C chunk size, N chunks, S the [D_k, D_v]
@@ -7,7 +7,8 @@ fp32 state.
 
 Recurrence per (b, h): ``S_t = λ S_{t-1} + k_tᵀ v_t``, ``o_t = scale · q_t S_t`` with ``λ = exp(log_decay[h])``.
 
-**Plain chunked form.** For a chunk starting at t0 with L valid positions, i, j ∈ [0, L) and ``M[i, j] = λ^(i-j)`` for i ≥ j, else 0:
+**Plain chunked form.** For a chunk starting at t0 with L valid positions, i, j ∈ [0, L) and
+``M[i, j] = λ^(i-j)`` for i ≥ j, else 0:
 
     o     = scale · ((q kᵀ ∘ M) v + λ^(i+1) · q S_prev)              intra-chunk + inter-chunk
     S_new = λ^L · S_prev + (k · λ^(L-1-j))ᵀ v
@@ -263,8 +264,6 @@ def _bwd_dkdv_kernel(
         tl.store(dh0_ptr + s_offs, dH, mask=s_mask)
 
 
-# Chunk-aligned form (batch-invariant mode) ---------------------------------------------------------------------
-
 _ROW_TILE = 16  # query rows per output program: the smallest tl.dot tile, so a decode step wastes least
 
 
@@ -333,7 +332,8 @@ def _aligned_states_kernel(
     BV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Chunk-start states of row b, head h, block [BK rows, BV columns] of S: S_{n+1} = λ^C S_n + (K_n λ^(C-1-j))ᵀ V_n.
+    """Chunk-start states of row b, head h, block [BK rows, BV columns] of S:
+    S_{n+1} = λ^C S_n + (K_n λ^(C-1-j))ᵀ V_n.
 
     Writes S_n to ``states`` (slot n) when ``store_states``, and when ``want_final`` the state after the row's
     real tokens: S at the chunk holding its next token, and that chunk's real keys/values (the decode buffers).
@@ -865,7 +865,7 @@ def aligned_linear_attention(
     start_B: torch.Tensor | None = None,
     lengths_B: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ChunkState | None]:
-    """The chunk-aligned form, same contract as :func:`kernels.linear_attention.reference.aligned_linear_attention`.
+    """The chunk-aligned form; same contract as ``reference.aligned_linear_attention``.
 
     Without ``state``, ``start_B`` and ``lengths_B`` this is a training forward from position 0 (differentiable
     in q, k, v; returns no state). Otherwise row b's T new tokens continue at absolute position ``start_B[b]``

@@ -32,10 +32,10 @@ SCALE = 0.3
 # (B, T, H, D): T = 1, a chunk minus one, a chunk, a chunk plus one, two chunks plus one; D = 48 is padded to 64.
 SHAPES = [(1, 1, 1, 16), (2, 15, 2, 16), (1, 16, 1, 48), (3, 17, 2, 16), (2, 33, 2, 48)]
 # fp32 against the fp32 reference: the same formula, summed in another order (tl.dot's sequential FMA against
-# MKL's blocked GEMM) with another exp. Each output is a few chained sums of at most D + C = 64 terms, the state a
-# chain of at most 3 folds of C terms, so the worst-case relative rounding bound is about (D + 2·C + 3·C)·2^-24
-# ≈ 8e-6; observed errors are ~1e-7. 2e-5 sits above the bound, far below any real mistake (a wrong decay power
-# or a dropped term is an O(1e-2..1) error).
+# the library GEMM's blocked sums) with another exp. Each output is a few chained sums of at most D + C = 64
+# terms, the state a chain of at most 3 folds of C terms, so the worst-case relative rounding bound is about
+# (D + 2·C + 3·C)·2^-24 ≈ 8e-6; observed errors are ~1e-7. 2e-5 sits above the bound, far below any real
+# mistake (a wrong decay power or a dropped term is an O(1e-2..1) error).
 FP32_RTOL = 2e-5
 # bf16 inputs on a GPU: both sides compute in fp32 from the same bf16 values; outputs and gradients are rounded
 # to bf16 (8 mantissa bits, up to 2^-8 ≈ 4e-3 relative each), hence 1e-2.
@@ -71,7 +71,7 @@ def training(fn, q, k, v, log_decay, do, chunk=C):
 
 @torch.no_grad()
 def rollout(fn, q, k, v, log_decay, state=None, start=0, lengths=None, chunk=C):
-    """A prefill (or, for T = 1, a decode step) of all rows from ``start``, ``lengths`` real tokens (default T)."""
+    """A prefill (for T = 1 a decode step) of all rows from ``start``, ``lengths`` real tokens (default T)."""
     B, T = q.shape[:2]
     start, lengths = (
         torch.as_tensor(x, device=DEVICE).expand(B).clone()
@@ -101,9 +101,6 @@ def assert_state_close(ours, theirs):
 def assert_states_equal(a, b):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
-
-
-# Parity with the reference -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("shape", "chunk"), [*((s, C) for s in SHAPES), ((2, 40, 2, 16), WIDE)])
@@ -158,9 +155,6 @@ def test_bad_chunk_size_is_a_value_error(chunk_size):
     q, k, v, log_decay = inputs(1, 4, 1, 16)
     with pytest.raises(ValueError, match="power of two"):
         impl.aligned_linear_attention(q, k, v, log_decay, 0.25, chunk_size)
-
-
-# Batch invariance, bitwise -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17, 33])
@@ -268,19 +262,19 @@ def test_batched_decode_at_mixed_positions_with_a_padding_row():
         assert_states_equal((s[b] for s in state), (s[0] for s in alone[b][1]))
 
 
-# bf16 on a GPU -------------------------------------------------------------------------------------------------
-
 gpu = pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="bf16 Triton needs a CUDA GPU")
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("shape", [*SHAPES, (2, 300, 4, 128)])
-def test_gpu_bf16_training_matches_reference(shape):
+@pytest.mark.parametrize(
+    ("shape", "chunk"), [*((s, C) for s in SHAPES), ((2, 300, 4, 128), C), ((2, 300, 4, 128), 64)]
+)
+def test_gpu_bf16_training_matches_reference(shape, chunk):
     q, k, v, log_decay = inputs(*shape, dtype=torch.bfloat16)
     do = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
-    ours = training(impl.aligned_linear_attention, q, k, v, log_decay, do)
-    theirs = training(ref.aligned_linear_attention, q, k, v, log_decay, do)
+    ours = training(impl.aligned_linear_attention, q, k, v, log_decay, do, chunk)
+    theirs = training(ref.aligned_linear_attention, q, k, v, log_decay, do, chunk)
     for name, a, b in zip(("o", "dq", "dk", "dv"), ours, theirs, strict=True):
         assert a.dtype == torch.bfloat16 and torch.isfinite(a).all(), name
         assert rel_err(a, b) < BF16_RTOL, (name, rel_err(a, b))
@@ -288,14 +282,16 @@ def test_gpu_bf16_training_matches_reference(shape):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("T", [1, 17, 100])
-def test_gpu_bf16_training_prefill_and_decode_agree_bitwise(T):
+@pytest.mark.parametrize(("T", "chunk"), [(1, C), (17, C), (100, C), (150, 64)])
+def test_gpu_bf16_training_prefill_and_decode_agree_bitwise(T, chunk):
     q, k, v, log_decay = inputs(2, T, 2, 128, dtype=torch.bfloat16)
-    full, _ = impl.aligned_linear_attention(q, k, v, log_decay, SCALE, C)
-    pre, pre_state = rollout(impl.aligned_linear_attention, q, k, v, log_decay)
-    split = T // 3
-    head, state = rollout(impl.aligned_linear_attention, q[:, :split], k[:, :split], v[:, :split], log_decay)
-    tokens, tok_state = decode_each(*(x[:, split:] for x in (q, k, v)), log_decay, state, split)
+    full, _ = impl.aligned_linear_attention(q, k, v, log_decay, SCALE, chunk)
+    pre, pre_state = rollout(impl.aligned_linear_attention, q, k, v, log_decay, chunk=chunk)
+    split = T // 3  # 0 for T = 1: an empty prefill, then decode
+    head, state = rollout(
+        impl.aligned_linear_attention, *(x[:, :split] for x in (q, k, v)), log_decay, chunk=chunk
+    )
+    tokens, tok_state = decode_each(*(x[:, split:] for x in (q, k, v)), log_decay, state, split, chunk)
     assert torch.equal(pre, full)
     assert torch.equal(torch.cat([head, tokens], dim=1), full)
     assert_states_equal(tok_state, pre_state)
