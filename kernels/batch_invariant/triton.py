@@ -1,9 +1,9 @@
-"""Batch-invariant GEMMs in Triton: ``linear`` (x @ weightᵀ) and ``grouped_linear`` (MoE experts).
+"""Batch-invariant GEMMs in Triton: ``linear`` (x @ weightᵀ) and ``grouped_linear`` (the MoE experts).
 
 Legend: M rows, K reduction dim, N output features, E groups (experts); BM × BN output tile, BK K-step.
 
-**Tiling.** A program owns one ``[BM, BN]`` output tile and walks K from 0 to K in steps of ``BK``, adding each
-step's ``[BM, BK] @ [BK, BN]`` product into one fp32 accumulator. ``linear``'s grid is ``(cdiv(M, BM),
+**Tiling.** A program owns one ``[BM, BN]`` output tile and walks K from 0 to K in steps of ``BK``, adding
+each step's ``[BM, BK] @ [BK, BN]`` product into one fp32 accumulator. ``linear``'s grid is ``(cdiv(M, BM),
 cdiv(N, BN))``. ``grouped_linear``'s rows come sorted by group; its row tiles start at each group's first row
 (a group's last tile is partial, never shared with the next group), and each tile multiplies by its group's
 weight. The tile table is built on the device from the group sizes, with a fixed upper bound on the number of
@@ -12,20 +12,22 @@ real ones do no work.
 
 **Why a row's bits do not depend on M, on its place among the rows, or on its group's size.** The tile sizes
 are constants of the dtype (never chosen from M), K is never split across programs, and the K loop always runs
-the same steps in the same order. Inside a step, each output element is one dot over ``BK`` in the order
-fixed by the compiled kernel, which is the same for every row of the tile; a row's value never mixes with
-another row's. A short last row tile or K step is filled with zeros on load, and adding an exact zero product
-changes nothing, so a row alone (M = 1, a decode step) rounds as it does inside any larger call.
+the same steps in the same order. Every sum is inside the dot, which reduces each output element in K order
+(an FMA chain for fp32, fixed tensor-core instructions for 16-bit) whatever register layout the compiler
+picks, the same for every row of the tile; a row's value never mixes with another row's. A short last row tile
+or K step is filled with zeros on load, and adding an exact zero product changes nothing, so a single row (a
+decode step) rounds as it does inside any larger call.
 
 fp32 operands use IEEE dots (``input_precision="ieee"``): TF32 would round the inputs to 10 mantissa bits and
-break fp32 parity with the reference. 16-bit operands (bf16/fp16, both operands alike) go to the dot as they
-are, with an fp32 accumulator: a product of two 16-bit floats is exact in fp32, so this equals upcasting them
-on load, and it keeps the tensor cores (an fp32 FMA GEMM would cost the invariant path many times the plain
-one). There is no autotuning (the interpreter cannot run it, and a tuned tile shape would be part of the
-numerics); tile sizes are chosen from the dtype in Python.
+break fp32 parity with the reference. 16-bit operands (bf16/fp16, both operands alike) go to the tensor cores
+as they are, with an fp32 accumulator: a product of two 16-bit floats is exact in fp32, as it would be after
+an upcast, and the MMA instruction's own summation order is fixed, so the tiling argument above holds
+unchanged; an fp32 FMA GEMM instead would cost the invariant path many times the plain one. There is no
+autotuning (the interpreter cannot run it, and a tuned tile shape would be part of the numerics); tile sizes
+are chosen from the dtype in Python.
 
-Backward (only the forward must be invariant): plain torch GEMMs, ``dx = dy @ W`` and ``dW = dyᵀ x`` (per group
-for ``grouped_linear``); no per-tile weight gradient is ever materialised.
+Backward (only the forward must be invariant): plain torch GEMMs, ``dx = dy @ W`` and ``dW = dyᵀ x`` (per
+group for ``grouped_linear``); no per-tile weight gradient is ever materialised.
 """
 
 from __future__ import annotations
@@ -141,9 +143,9 @@ class _Linear(torch.autograd.Function):
 def linear(
     x: torch.Tensor, weight: torch.Tensor, *, tiles: tuple[int, int, int] | None = None
 ) -> torch.Tensor:
-    """``x @ weight.T`` for x [..., K], weight [N, K] (same float dtype), each row's bits independent of how many
-    rows share the call. Differentiable. ``tiles=(BM, BN, BK)`` overrides the dtype's tile shape (tests use
-    small tiles at tiny sizes); callers that must agree bitwise keep the default."""
+    """``x @ weight.T`` for x [..., K], weight [N, K] (same float dtype), each row's bits independent of how
+    many rows share the call. Differentiable. ``tiles=(BM, BN, BK)`` overrides the dtype's tile shape (tests
+    use small tiles at tiny sizes); callers that must agree bitwise keep the default."""
     *lead, K = x.shape
     return _Linear.apply(x.reshape(-1, K), weight, tiles).reshape(*lead, weight.shape[0])
 
@@ -197,8 +199,8 @@ def grouped_linear(
     *,
     tiles: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """Rows sorted by group, x_rows [rows, K], rows_per_group [E], weights [E, N, K] -> [rows, N]: each group's
-    rows times its own weight, a row's bits independent of how many rows its group (or the call) has.
+    """Rows sorted by group, x_rows [rows, K], rows_per_group [E], weights [E, N, K] -> [rows, N]: each
+    group's rows times its own weight, a row's bits independent of how many rows its group (or the call) has.
 
     Differentiable in x_rows and weights. ``rows_per_group`` may live on the device (the forward then needs no
     host synchronisation; its total is checked only when it is on the CPU or a list); the backward reads it

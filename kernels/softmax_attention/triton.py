@@ -10,21 +10,23 @@ block holding the tile's largest position, in order. Per block, in fp32 with IEE
 
     s   = (q · scale · log2 e) kᵀ,  masked to -inf where key > the row's position
     m'  = max(m, rowmax s);  α = 2^(m - m');  p = 2^(s - m') (0 where masked)
-    l   = α l + rowsum p;    acc = α acc + p v;  m = m'
+    l   = α l + p 1;         acc = α acc + p v;  m = m'        (1: a [BN, 16] block of ones)
 
 and finally ``o = acc / l`` and the log-sum-exp ``m + log2 l`` (base 2, for the backward).
 
 **Why a row's bits cannot depend on the batch, the padding, the cache capacity, or prefill versus decode.**
 Every operation above is per row, and a row's sequence of operations is fixed by its own position alone:
-``BM``, ``BN`` and ``BD`` are constants (never chosen from T, B or the cache length), the key loop always starts
-at block 0 and never splits, each dot reduces over D (scores) or over one block's keys (``p v``) in one fixed
-order, and the row sum is over one block. The only thing a neighbour can change is how many blocks the tile
-visits: blocks past a row's own position are entirely masked for it, and such a block is an exact no-op —
-its scores are -inf, so m' = m, α is set to exactly 1 (not computed as 2^0), p is exactly 0, and
+``BM``, ``BN`` and ``BD`` are constants (never chosen from T, B or the cache length), the key loop always
+starts at block 0 and never splits, and every sum whose order matters is a dot — over D for a score, over one
+block's keys for ``p v`` and for the row sum ``p 1`` — which reduces each element in K order whatever register
+layout the compiler picks for a launch (``tl.sum``'s tree would follow the layout); the max is exact in any
+order (so the query tile ``BM`` changes no bits either). The only thing a neighbour can change is how many
+blocks the tile visits: blocks past a row's own position are entirely masked for it, and such a block is an
+exact no-op — its scores are -inf, so m' = m, α is set to exactly 1 (not computed as 2^0), p is exactly 0, and
 ``1·l + 0 = l``, ``1·acc + 0·v = acc``. Key 0 is visible to every query, so after block 0 the running max is
 finite. A decode step is therefore one live row of a tile (the rest are masked), and it reproduces the row a
-training forward, a prefill or a chunked prefill computed for the same position. Keys beyond ``Tk`` and
-padded D columns are loaded as zeros; query rows beyond ``Tq`` are computed and not stored.
+training forward, a prefill or a chunked prefill computed for the same position. Keys beyond ``Tk`` and padded
+D columns are loaded as zeros; query rows beyond ``Tq`` are computed and not stored.
 
 q may be bf16 while the cache is fp32 ([B, G, L, D] memory passed as a [B, L, G, D] view): every input is
 upcast to fp32 on load and read through its strides, so a decode step copies nothing.
@@ -111,6 +113,7 @@ def _fwd_kernel(
     m = tl.full((BM,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, BD), tl.float32)
+    ones = tl.full((BN, 16), 1.0, tl.float32)
     for start in range(0, last + 1, BN):
         keys = start + tl.arange(0, BN)
         # keys past the tile's last position are invisible to all its rows: loading them as zeros keeps
@@ -125,7 +128,11 @@ def _fwd_kernel(
         # than trusting the hardware's 2^0: this is what makes a masked block a no-op
         alpha = tl.where(m_new > m, tl.exp2(m - m_new), 1.0)
         p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        # The row sum as a dot with ones, not tl.sum: a dot reduces each element in K order whatever the
+        # layout, while tl.sum's tree follows the register layout, which the compiler may choose differently
+        # for differently specialised launches (a decode step's strides versus a prefill's). All 16 columns
+        # are the same sum, so their max is exact.
+        l_i = l_i * alpha + tl.max(tl.dot(p, ones, input_precision=PREC), axis=1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
         m = m_new
     o = acc / l_i[:, None]
@@ -349,10 +356,11 @@ def block_attention(
     query_tile: int = QUERY_TILE,
     key_block: int = KEY_BLOCK,
 ) -> torch.Tensor:
-    """Causal GQA attention, q [B, Tq, H, D], k/v [B, Tk, G, D] (any strides), q_pos [B, Tq] -> o in q's dtype.
+    """Causal GQA attention: q [B, Tq, H, D], k/v [B, Tk, G, D] (any strides), q_pos [B, Tq] -> o, q's dtype.
 
-    Differentiable in q, k and v. ``query_tile`` and ``key_block`` (powers of two ≥ 16) exist for tests at tiny
-    shapes; ``key_block`` is part of the numerics, so every caller that must agree bitwise keeps the default.
+    Differentiable in q, k and v. ``query_tile`` and ``key_block`` (powers of two ≥ 16) exist for tests at
+    tiny shapes; ``key_block`` is part of the numerics, so every caller that must agree bitwise keeps the
+    default.
     Shapes are validated by ``kernels.softmax_attention.softmax_attention``.
     """
     for name, size in (("query_tile", query_tile), ("key_block", key_block)):

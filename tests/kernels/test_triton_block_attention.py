@@ -1,5 +1,5 @@
-"""The Triton block-aligned softmax attention: parity with the float64 definition (forward and backward) and its
-own batch invariance, bitwise, across training forward, padded batch, prefill, chunked prefill and decode."""
+"""The Triton block-aligned softmax attention: parity with the float64 definition (forward and backward) and
+its own batch invariance, bitwise: training forward, padded batch, prefill, chunked prefill and decode."""
 
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ SMALL = {"query_tile": 16, "key_block": 16}
 # (H=4, G=2) and MHA.
 SHAPES = [(2, 1, 4, 2, 16), (2, 15, 4, 2, 48), (1, 17, 2, 2, 16), (2, 33, 4, 2, 16), (1, 33, 2, 2, 48)]
 HEADS = [(4, 2), (2, 2)]
-# fp32 tolerance: a score is a D-term dot, an output a ≤ T-term convex combination, so the worst-case relative
-# rounding error is about (D + T + a few) · 2^-24 ≈ 6e-6 at D = 48, T = 33 (backward: the same sums twice over);
-# observed errors are ~2e-7. A wrong mask, scale or rescaling is off by orders of magnitude more.
+# fp32 tolerance: a score is a D-term dot, an output a ≤ T-term convex combination, so the worst-case
+# relative rounding error is about (D + T + a few) · 2^-24 ≈ 6e-6 at D = 48, T = 33 (backward: the same sums
+# twice over); observed errors are ~2e-7. A wrong mask, scale or rescaling is off by orders of magnitude more.
 FP32_RTOL = 1e-5
 
 

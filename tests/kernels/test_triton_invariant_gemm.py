@@ -1,5 +1,5 @@
-"""The Triton batch-invariant GEMMs: parity with float64 (forward and backward), a row's bits independent of the
-number of rows (and of its group's size, for the grouped MoE variant), and the dispatch of
+"""The Triton batch-invariant GEMMs: parity with float64 (forward and backward), a row's bits independent of
+the number of rows (and of its group's size, for the grouped MoE variant), and the dispatch of
 ``kernels.batch_invariant.linear``."""
 
 from __future__ import annotations
