@@ -1,4 +1,9 @@
-"""Batch-invariant matmul and the primitives the other invariant kernels are built from."""
+"""Batch-invariant matmul and the primitives the other invariant kernels are built from.
+
+``linear`` runs the Triton GEMM (fixed tiles, see ``triton.py``) when the kernel backend is "triton". The FP8
+linear and the LM head call :func:`kernels.batch_invariant.reference.linear` directly and so keep the
+reference GEMM on either backend.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         )
     if x.dtype != weight.dtype:
         raise ValueError(f"linear: x is {x.dtype} but weight is {weight.dtype}; cast one of them first")
-    if kernels.get_mode().batch_invariant:
+    mode = kernels.get_mode()
+    if mode.batch_invariant:
+        if mode.backend == "triton":
+            return kernels.triton_module("batch_invariant").linear(x, weight)
         return reference.linear(x, weight)
     return reference.plain_linear(x, weight)
