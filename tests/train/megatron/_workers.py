@@ -96,6 +96,12 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
                 "dispatchers": {
                     type(m.dispatcher).__name__ for m in model.modules() if isinstance(m, DispatchedExperts)
                 },
+                "classes": {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()},
+                "heads": {
+                    n: (m.num_heads, getattr(m, "num_kv_heads", None), getattr(m, "groups", None))
+                    for n, m in model.named_modules()
+                    if n.endswith(".attention")
+                },
             },
             out / f"module-{name}.pt",
         )
