@@ -18,7 +18,7 @@ Inputs are right-padded; ``lengths_B`` gives each row's number of real new token
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -244,9 +244,6 @@ class RoutedExperts(nn.ModuleList):
     """The routed experts this process holds (``experts.<e>``), and how each token reaches its k of them: here
     all E experts, each run on its tokens in turn. Expert parallelism subclasses this to send tokens to the
     ranks holding their experts; a token's output is the same fixed-order sum of its slots either way."""
-
-    def __init__(self, experts: Iterable[SwiGLU]):
-        super().__init__(experts)
 
     def forward(self, x_NC: torch.Tensor, route: Route) -> torch.Tensor:
         """Σ over each token's k experts of weight · expert(x), fp32 [N, C]. ``route`` (the MoE's router)

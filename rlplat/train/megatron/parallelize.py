@@ -192,6 +192,7 @@ class DispatchedExperts(RoutedExperts):
         )
 
     def forward(self, x_NC: torch.Tensor, route: Route) -> torch.Tensor:
+        """Route and run this tp rank's 1/tp of the tokens (padded to a multiple of tp), gather the outputs."""
         N, tp = x_NC.shape[0], self.tp_group.size()
         pad = -N % tp
         x_tok = torch.cat([x_NC, x_NC.new_zeros(pad, x_NC.shape[1])]) if pad else x_NC
