@@ -1,8 +1,14 @@
 """Ring-linear-2.0 (BailingMoeLinearV2ForCausalLM): a hybrid linear/softmax-attention sparse MoE decoder.
 
 Architecture only. Every op goes through ``kernels``, whose mode decides precision behaviour and batch
-invariance for trainer and rollout alike. FP8 is switched on from outside (``rlplat.models.fp8``), and the HF
-checkpoint names are simply the attribute paths below.
+invariance for trainer and rollout alike. The HF checkpoint names are simply the attribute paths below.
+Applied from outside: FP8 (``rlplat.models.fp8``) and parallelism. The blocks take the layers that
+parallelism splits — projections, embedding, LM head, routed experts — from a ``LayerFactory``;
+``LOCAL_LAYERS`` builds each of them whole in this process, and the Megatron backend
+(``rlplat.train.megatron.parallelize``) builds these same blocks from tensor- and expert-parallel layers,
+then gives each block its rank's share of the heads, as torchtitan's ``parallelize.py`` does. So the forwards
+below work on whatever heads a rank holds: ``num_heads``, ``num_kv_heads``, ``groups`` and ``log_decay``
+are those of this block's projections.
 
 Legend: B batch, T new tokens, C hidden, H heads, G kv heads, D head dim, E experts, k experts per token.
 Layer i: softmax GQA attention if (i + 1) % layer_group_size == 0, else linear attention. FFN: dense SwiGLU
@@ -11,6 +17,9 @@ Inputs are right-padded; ``lengths_B`` gives each row's number of real new token
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -41,6 +50,72 @@ class Linear(nn.Module):
         return fp8_linear(x, self.weight) if self.fp8 else invariant_linear(x, self.weight)
 
 
+class LMHead(nn.Linear):
+    """The untied output projection [V, C]; logits and log-probs come from the fused fp32 LM-head kernels."""
+
+    def __init__(self, hidden: int, vocab: int):
+        super().__init__(hidden, vocab, bias=False)
+
+    def vocab_weight(self) -> torch.Tensor:
+        """The whole vocabulary's weight [V, C] (a vocabulary-parallel head gathers its shards)."""
+        return self.weight
+
+    def forward(self, h_BTC: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] in fp32."""
+        return lm_head_logits(h_BTC, self.vocab_weight())
+
+    def logprobs(
+        self, h_BTC: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob of each target and the entropy, fp32 [B, T]."""
+        B, T, C = h_BTC.shape
+        logp, entropy = lm_head_logprobs(
+            h_BTC.reshape(B * T, C), self.vocab_weight(), targets_BT.reshape(-1), temperature
+        )
+        return logp.view(B, T), entropy.view(B, T)
+
+
+class LayerFactory(Protocol):
+    """Builds the layers that parallelism splits. Tensor parallelism splits a ``column`` layer's output
+    features and a ``row`` layer's input features (it sums the ranks' partial outputs), as Megatron's
+    column/row-parallel linears do; each takes and returns plain tensors. ``routed_experts`` holds the experts
+    of this process and moves tokens to them and back."""
+
+    def column(self, n_in: int, n_out: int) -> nn.Module: ...
+
+    def row(self, n_in: int, n_out: int) -> nn.Module: ...
+
+    def embedding(self, vocab: int, hidden: int) -> nn.Module: ...
+
+    def lm_head(self, hidden: int, vocab: int) -> LMHead: ...
+
+    def routed_experts(self, cfg: RingLinearConfig) -> RoutedExperts: ...
+
+
+class LocalLayers:
+    """Every layer whole, in this process: what the rollout engines and the torch trainer run."""
+
+    def column(self, n_in: int, n_out: int) -> nn.Module:
+        return Linear(n_in, n_out)
+
+    def row(self, n_in: int, n_out: int) -> nn.Module:
+        return Linear(n_in, n_out)
+
+    def embedding(self, vocab: int, hidden: int) -> nn.Module:
+        return nn.Embedding(vocab, hidden)
+
+    def lm_head(self, hidden: int, vocab: int) -> LMHead:
+        return LMHead(hidden, vocab)
+
+    def routed_experts(self, cfg: RingLinearConfig) -> RoutedExperts:
+        return RoutedExperts(
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
+        )
+
+
+LOCAL_LAYERS = LocalLayers()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -61,20 +136,20 @@ def linear_attention_log_decay(cfg: RingLinearConfig, layer_idx: int) -> torch.T
 
 
 class LinearAttention(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
         H, D, C = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
         self.num_heads, self.head_dim, self.groups = H, D, cfg.group_norm_size
         self.eps = cfg.rms_norm_eps
-        self.query_key_value = Linear(C, 3 * H * D)
+        self.query_key_value = factory.column(C, 3 * H * D)
         self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.g_proj = Linear(C, H * D)
+        self.g_proj = factory.column(C, H * D)
         self.g_norm = RMSNorm(H * D, cfg.rms_norm_eps)
-        self.dense = Linear(H * D, C)
+        self.dense = factory.row(H * D, C)
         self.register_buffer("log_decay", linear_attention_log_decay(cfg, layer_idx), persistent=False)
 
-    def forward(self, x_BTC, positions_BT, rope, cache: LayerCache | None, lengths_B):
+    def forward(self, x_BTC, positions_BT, rope, cache: LayerCache | None = None, lengths_B=None):
         B, T, _ = x_BTC.shape
         q, k, v = self.query_key_value(x_BTC).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         q = apply_rotary(self.query_layernorm(q), positions_BT, *rope)
@@ -95,16 +170,16 @@ class LinearAttention(nn.Module):
 
 
 class SoftmaxAttention(nn.Module):
-    def __init__(self, cfg: RingLinearConfig):
+    def __init__(self, cfg: RingLinearConfig, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
         H, G, D, C = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = H, G, D
-        self.query_key_value = Linear(C, (H + 2 * G) * D)
+        self.query_key_value = factory.column(C, (H + 2 * G) * D)
         self.query_layernorm = RMSNorm(D, cfg.rms_norm_eps)
         self.key_layernorm = RMSNorm(D, cfg.rms_norm_eps)
-        self.dense = Linear(H * D, C)
+        self.dense = factory.row(H * D, C)
 
-    def forward(self, x_BTC, positions_BT, rope, cache: LayerCache | None, lengths_B):
+    def forward(self, x_BTC, positions_BT, rope, cache: LayerCache | None = None, lengths_B=None):
         B, T, _ = x_BTC.shape
         H, G, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.query_key_value(x_BTC).split([H * D, G * D, G * D], dim=-1)
@@ -118,11 +193,11 @@ class SoftmaxAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
-        self.gate_proj = Linear(hidden, intermediate)
-        self.up_proj = Linear(hidden, intermediate)
-        self.down_proj = Linear(intermediate, hidden)
+        self.gate_proj = factory.column(hidden, intermediate)
+        self.up_proj = factory.column(hidden, intermediate)
+        self.down_proj = factory.row(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -141,32 +216,56 @@ class Router(nn.Module):
 
 def sum_slots(slots_NkC: torch.Tensor) -> torch.Tensor:
     """A token's k weighted expert outputs [N, k, C] summed slot by slot, in a fixed order, so its output
-    never depends on the batch or on where the experts ran (the Megatron trainer sums with this too)."""
+    never depends on the batch or on where the experts ran."""
     out = slots_NkC[:, 0]
     for s in range(1, slots_NkC.shape[1]):
         out = out + slots_NkC[:, s]
     return out
 
 
+Route = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class RoutedExperts(nn.ModuleList):
+    """The routed experts this process holds (``experts.<e>``), and how each token reaches its k of them: here
+    all E experts, each run on its tokens in turn. Expert parallelism subclasses this to send tokens to the
+    ranks holding their experts; a token's output is the same fixed-order sum of its slots either way."""
+
+    def forward(self, x_NC: torch.Tensor, route: Route) -> torch.Tensor:
+        """Σ over each token's k experts of weight · expert(x), fp32 [N, C]. ``route`` (the MoE's router)
+        gives the (weights, expert ids) [N, k] of the tokens it is called on."""
+        weights_Nk, ids_Nk = route(x_NC)
+        return sum_slots(self.weighted_slots(x_NC, weights_Nk, ids_Nk))
+
+    def weighted_slots(
+        self, x_NC: torch.Tensor, weights_Nk: torch.Tensor, ids_Nk: torch.Tensor
+    ) -> torch.Tensor:
+        """weight · expert(x) of every (token, slot), fp32 [N, k, C]."""
+        slots_NkC = x_NC.new_zeros(*ids_Nk.shape, x_NC.shape[-1], dtype=torch.float32)
+        for e in ids_Nk.unique().tolist():
+            rows, slot = (ids_Nk == e).nonzero(as_tuple=True)
+            y = self[e](x_NC[rows]).float() * weights_Nk[rows, slot, None]
+            slots_NkC = slots_NkC.index_put((rows, slot), y)
+        return slots_NkC
+
+
 class MoE(nn.Module):
-    def __init__(self, cfg: RingLinearConfig):
+    def __init__(self, cfg: RingLinearConfig, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(cfg)
-        self.experts = nn.ModuleList(
-            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts)
-        )
+        self.experts = factory.routed_experts(cfg)
         self.shared_experts = (
-            SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+            SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, factory)
             if cfg.num_shared_experts > 0
             else None
         )
 
-    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+    def route(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, expert ids) [N, k]: group-limited top-k of the fp32 sigmoid scores."""
         cfg = self.cfg
-        x = x_BTC.reshape(-1, x_BTC.shape[-1])
-        weights_Nk, ids_Nk = group_limited_topk(
-            self.gate(x),
+        return group_limited_topk(
+            self.gate(x_NC),
             self.gate.expert_bias,
             cfg.num_experts_per_tok,
             cfg.n_group,
@@ -174,49 +273,69 @@ class MoE(nn.Module):
             cfg.routed_scaling_factor,
             cfg.norm_topk_prob,
         )
-        slots_NkC = x.new_zeros(*ids_Nk.shape, x.shape[-1], dtype=torch.float32)
-        for e in ids_Nk.unique().tolist():
-            rows, slot = (ids_Nk == e).nonzero(as_tuple=True)
-            y = self.experts[e](x[rows]).float() * weights_Nk[rows, slot, None]
-            slots_NkC = slots_NkC.index_put((rows, slot), y)
-        out = sum_slots(slots_NkC)
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        x = x_BTC.reshape(-1, x_BTC.shape[-1])
+        out = self.experts(x, self.route)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x).float()
         return out.to(x_BTC.dtype).view_as(x_BTC)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: RingLinearConfig, layer_idx: int):
+    def __init__(self, cfg: RingLinearConfig, layer_idx: int, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        C = cfg.hidden_size
+        self.input_layernorm = RMSNorm(C, cfg.rms_norm_eps)
         self.attention = (
-            SoftmaxAttention(cfg) if cfg.is_softmax_layer(layer_idx) else LinearAttention(cfg, layer_idx)
+            SoftmaxAttention(cfg, factory)
+            if cfg.is_softmax_layer(layer_idx)
+            else LinearAttention(cfg, layer_idx, factory)
         )
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.post_attention_layernorm = RMSNorm(C, cfg.rms_norm_eps)
+        self.mlp = (
+            MoE(cfg, factory) if cfg.is_moe_layer(layer_idx) else SwiGLU(C, cfg.intermediate_size, factory)
+        )
 
-    def forward(self, x, positions_BT, rope, cache, lengths_B):
+    def forward(self, x, positions_BT, rope, cache: LayerCache | None = None, lengths_B=None):
         h = x + self.attention(self.input_layernorm(x), positions_BT, rope, cache, lengths_B)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class RingLinearModel(nn.Module):
-    def __init__(self, cfg: RingLinearConfig):
+    def __init__(self, cfg: RingLinearConfig, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.word_embeddings = factory.embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, factory) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos, sin = rope_table(cfg.max_position_embeddings, cfg.rotary_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
 
+def positions_of(cfg: RingLinearConfig, input_ids_BT: torch.Tensor, start_B: torch.Tensor) -> torch.Tensor:
+    """Absolute positions [B, T] of new tokens that continue each row at ``start_B``; refuses ids outside the
+    vocabulary and positions beyond ``max_position_embeddings``."""
+    T, vocab = input_ids_BT.shape[1], cfg.vocab_size
+    if input_ids_BT.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids_BT.dtype}")
+    if input_ids_BT.numel() and (int(input_ids_BT.min()) < 0 or int(input_ids_BT.max()) >= vocab):
+        raise ValueError(f"input_ids must be token ids in [0, {vocab}); got values outside that range")
+    positions = start_B[:, None] + torch.arange(T, device=input_ids_BT.device)[None, :]
+    if positions.numel() and int(positions.max()) >= cfg.max_position_embeddings:
+        raise ValueError(
+            f"sequence reaches position {int(positions.max())} but max_position_embeddings is "
+            f"{cfg.max_position_embeddings}; shorten the input or raise max_position_embeddings"
+        )
+    return positions
+
+
 class RingLinearForCausalLM(nn.Module):
-    def __init__(self, cfg: RingLinearConfig):
+    def __init__(self, cfg: RingLinearConfig, factory: LayerFactory = LOCAL_LAYERS):
         super().__init__()
         self.config = cfg
-        self.model = RingLinearModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = RingLinearModel(cfg, factory)
+        self.lm_head = factory.lm_head(cfg.hidden_size, cfg.vocab_size)
         # Tensors of multi-token-prediction layers: kept and saved back, not run (see checkpoint.py).
         self.mtp_tensors: dict[str, torch.Tensor] = {}
         if not any(p.is_meta for p in self.parameters()):
@@ -237,30 +356,19 @@ class RingLinearForCausalLM(nn.Module):
 
     def hidden_states(self, input_ids_BT, cache: ModelCache | None = None, lengths_B=None) -> torch.Tensor:
         """Final-norm hidden states [B, T, C]. With a cache, tokens continue each row at its cached length."""
-        B, T = input_ids_BT.shape
-        vocab = self.config.vocab_size
-        if input_ids_BT.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer tensor [B, T], got {input_ids_BT.dtype}")
-        if input_ids_BT.numel() and (int(input_ids_BT.min()) < 0 or int(input_ids_BT.max()) >= vocab):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab}); got values outside that range")
-        start = cache.lengths_B if cache is not None else input_ids_BT.new_zeros(B)
-        positions = start[:, None] + torch.arange(T, device=input_ids_BT.device)[None, :]
-        if positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence reaches position {int(positions.max())} but max_position_embeddings is "
-                f"{self.config.max_position_embeddings}; shorten the input or raise max_position_embeddings"
-            )
+        start = cache.lengths_B if cache is not None else input_ids_BT.new_zeros(input_ids_BT.shape[0])
+        positions = positions_of(self.config, input_ids_BT, start)
         rope = (self.model.rope_cos, self.model.rope_sin)
         x = self.model.word_embeddings(input_ids_BT)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, positions, rope, cache.layers[i] if cache is not None else None, lengths_B)
         if cache is not None:
-            cache.lengths_B = start + (lengths_B if lengths_B is not None else T)
+            cache.lengths_B = start + (lengths_B if lengths_B is not None else input_ids_BT.shape[1])
         return self.model.norm(x)
 
     def forward(self, input_ids_BT, cache: ModelCache | None = None, lengths_B=None) -> torch.Tensor:
         """Logits [B, T, vocab] in fp32."""
-        return lm_head_logits(self.hidden_states(input_ids_BT, cache, lengths_B), self.lm_head.weight)
+        return self.lm_head(self.hidden_states(input_ids_BT, cache, lengths_B))
 
     def token_logprobs(
         self,
@@ -271,12 +379,9 @@ class RingLinearForCausalLM(nn.Module):
         lengths_B=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-prob of ``targets`` at every position and the entropy, fp32 [B, T], via the fused LM head."""
-        h = self.hidden_states(input_ids_BT, cache, lengths_B)
-        B, T, C = h.shape
-        logp, entropy = lm_head_logprobs(
-            h.reshape(B * T, C), self.lm_head.weight, targets_BT.reshape(-1), temperature
+        return self.lm_head.logprobs(
+            self.hidden_states(input_ids_BT, cache, lengths_B), targets_BT, temperature
         )
-        return logp.view(B, T), entropy.view(B, T)
 
     def new_cache(self, batch: int) -> ModelCache:
         return ModelCache.empty(batch, self.config.num_hidden_layers, self.lm_head.weight.device)

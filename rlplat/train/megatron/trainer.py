@@ -12,11 +12,12 @@ the object the Trainer calls its data-parallel group:
 - loss normaliser, metrics and the non-finite flag: summed over the data-parallel group (tensor-parallel
   ranks hold the same rows and compute the same values);
 - gradients (``all_reduce_grads``): the routers and QK norms (partial per tensor-parallel rank, see
-  ``model.py``) over the tensor-parallel group, then each optimizer bucket in one call over its group —
-  dense parameters over the data-parallel group, routed experts over the expert-data-parallel group; then
-  the global norm over unique tensors (tensor-parallel shards counted once each, replicated tensors once,
-  experts once per expert-parallel group, every pipeline stage's own) and clipping by it, so the Trainer's own per-rank clip that follows is a no-op (its norm is
-  ≤ the global one). Without model parallelism the Trainer's own norm is already global and is left to it.
+  ``parallelize.py``) over the tensor-parallel group, then each optimizer bucket in one call over its
+  group — dense parameters over the data-parallel group, routed experts over the expert-data-parallel group;
+  then the global norm over unique tensors (tensor-parallel shards counted once each, replicated tensors
+  once, experts once per expert-parallel group, every pipeline stage's own) and clipping by it, so the
+  Trainer's own per-rank clip that follows is a no-op (its norm is ≤ the global one). Without model
+  parallelism the Trainer's own norm is already global and is left to it.
 
 Pipeline parallelism (``pipeline_parallel_size`` > 1): each stage holds its layers (``layout.stage_layers``)
 and Megatron's 1F1B schedule (``forward_backward_pipelining_without_interleaving``) runs the step's
@@ -78,7 +79,7 @@ from rlplat.train.megatron.layout import (
     unshard_tensor,
     write_layout,
 )
-from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
+from rlplat.train.megatron.parallelize import ParallelRingLinear
 from rlplat.train.optim import ShardedAdamW
 from rlplat.train.trainer import Trainer, _Sums, weight_buckets
 
@@ -159,8 +160,8 @@ class MegatronGroups:
         return self._dp.all_reduce(t, op)
 
     def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
-        """Each tensor-parallel rank routes a slice of its rows' tokens (``ParallelMoE``): sum the slices,
-        then the data-parallel ranks' rows. Pipeline stages count their own layers."""
+        """Each tensor-parallel rank routes a slice of its rows' tokens (``DispatchedExperts``): sum the
+        slices, then the data-parallel ranks' rows. Pipeline stages count their own layers."""
         for c in counts:
             dist.all_reduce(c, group=self.tp_group)
         self._dp.all_reduce_tensors(counts)
@@ -292,10 +293,8 @@ def _gather_stage(
 
 
 class _ParallelLoadCounter(ExpertLoadCounter):
-    """Tokens per expert on ``ParallelMoE`` routers, which see this tensor-parallel rank's slice of the
-    forward's tokens (padded to a multiple of tp, as ``ParallelMoE.forward`` scatters them)."""
-
-    moe_types = (ParallelMoE,)
+    """Tokens per expert on the routers, which see this tensor-parallel rank's slice of the forward's tokens
+    (padded to a multiple of tp, as ``parallelize.DispatchedExperts`` scatters them)."""
 
     def routed_rows(self, valid_N: torch.Tensor) -> torch.Tensor:
         tp = ps.get_tensor_model_parallel_world_size()

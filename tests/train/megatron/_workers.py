@@ -53,7 +53,7 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
 
     from rlplat.models.config import RingLinearConfig
     from rlplat.train.megatron.layout import shard_state
-    from rlplat.train.megatron.model import ParallelMoE, ParallelRingLinear
+    from rlplat.train.megatron.parallelize import DispatchedExperts, ParallelRingLinear
     from rlplat.train.megatron.trainer import MegatronGroups, _hf_source, gather_full, init_megatron
     from rlplat.train.optim import ShardedAdamW
 
@@ -94,7 +94,13 @@ def _module_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
                 "grads": full_grads,
                 "grad_norm": groups.last_grad_norm,
                 "dispatchers": {
-                    type(m.dispatcher).__name__ for m in model.modules() if isinstance(m, ParallelMoE)
+                    type(m.dispatcher).__name__ for m in model.modules() if isinstance(m, DispatchedExperts)
+                },
+                "classes": {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()},
+                "heads": {
+                    n: (m.num_heads, getattr(m, "num_kv_heads", None), getattr(m, "groups", None))
+                    for n, m in model.named_modules()
+                    if n.endswith(".attention")
                 },
             },
             out / f"module-{name}.pt",
