@@ -1,8 +1,8 @@
 """Batch-invariant matmul and the primitives the other invariant kernels are built from.
 
-``linear`` runs the Triton GEMM (fixed tiles, see ``triton.py``) when the kernel backend is "triton". The FP8
-linear and the LM head call :func:`kernels.batch_invariant.reference.linear` directly and so keep the
-reference GEMM on either backend.
+``linear`` runs the Triton GEMM (fixed tiles, see ``triton.py``) when the kernel backend is "triton", else the
+reference (library GEMM, fewer than 16 rows padded to 16). Every invariant GEMM of the model goes through it:
+the projections, the experts, the router, the FP8 linear after dequantisation, and the LM head.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.batch_invariant.reference import linear as invariant_linear
+from kernels.batch_invariant import linear as invariant_linear
 from kernels.batch_invariant.reference import tree_sum
 
 

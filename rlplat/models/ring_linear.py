@@ -241,12 +241,17 @@ class RoutedExperts(nn.ModuleList):
         self, x_NC: torch.Tensor, weights_Nk: torch.Tensor, ids_Nk: torch.Tensor
     ) -> torch.Tensor:
         """weight · expert(x) of every (token, slot), fp32 [N, k, C]."""
-        slots_NkC = x_NC.new_zeros(*ids_Nk.shape, x_NC.shape[-1], dtype=torch.float32)
-        for e in ids_Nk.unique().tolist():
-            rows, slot = (ids_Nk == e).nonzero(as_tuple=True)
-            y = self[e](x_NC[rows]).float() * weights_Nk[rows, slot, None]
-            slots_NkC = slots_NkC.index_put((rows, slot), y)
-        return slots_NkC
+        (N, k), C = ids_Nk.shape, x_NC.shape[-1]
+        if N == 0:
+            return x_NC.new_zeros(0, k, C, dtype=torch.float32)
+        # (token, slot) pairs grouped by expert, tokens in order within a group; every expert output lands in
+        # its slot with one copy (not one copy of the whole [N, k, C] per expert)
+        order = ids_Nk.flatten().argsort(stable=True)
+        counts = torch.bincount(ids_Nk.flatten(), minlength=len(self)).tolist()
+        rows = x_NC[order // k].split(counts)
+        y = torch.cat([self[e](x) for e, x in enumerate(rows) if len(x)]).float()
+        y = y * weights_Nk.flatten()[order, None]
+        return y.new_zeros(N * k, C).index_copy(0, order, y).view(N, k, C)
 
 
 class MoE(nn.Module):
