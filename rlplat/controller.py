@@ -150,12 +150,11 @@ class Controller:
         self.train_items, self.eval_items = load_prompts(cfg.data, cfg.run.seed)
         w, as_dict = cfg.workers, cfg.model_dump(mode="json")
         opts = lambda r: {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
-        threads = lambda r: max(1, int(r.num_cpus))
         self.make_trainer = lambda: TrainerGroup(
             lambda rank, addr, port, placement: (
                 ray.remote(TrainerWorker)
                 .options(**opts(w.trainer), scheduling_strategy=placement)
-                .remote(as_dict, threads(w.trainer), rank, addr, port)
+                .remote(as_dict, w.trainer.threads, rank, addr, port)
             ),
             w.trainer.num,
             opts(w.trainer),
@@ -169,7 +168,7 @@ class Controller:
             lambda: (
                 ray.remote(RolloutWorker)
                 .options(**opts(w.rollout))
-                .remote(as_dict, tokenizer_dir, threads(w.rollout))
+                .remote(as_dict, tokenizer_dir, w.rollout.threads)
             ),
             w.rollout.num,
             w.max_restarts,

@@ -50,21 +50,49 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
+class _TreeSum(torch.autograd.Function):
+    """Pairwise-halving sum over the last dim; its backward broadcasts the gradient (d sum / d x_i = 1) in one op
+    instead of unwinding every halving level's slices."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        ctx.n = n
+        size = 1 << max(n - 1, 0).bit_length()
+        if size != n:
+            x = F.pad(x, (0, size - n))
+        while size > 1:
+            size //= 2
+            x = x[..., :size] + x[..., size:]
+        return x[..., 0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.unsqueeze(-1).expand(*grad.shape, ctx.n)
+
+
 def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sum over ``dim`` by pairwise halving (first half + second half), zero-padded to a power of two."""
-    x = x.movedim(dim, -1)
-    n = x.shape[-1]
-    size = 1 << max(n - 1, 0).bit_length()
-    if size != n:
-        x = F.pad(x, (0, size - n))
-    while size > 1:
-        size //= 2
-        x = x[..., :size] + x[..., size:]
-    return x[..., 0]
+    return _TreeSum.apply(x.movedim(dim, -1))
+
+
+class _Sigmoid(torch.autograd.Function):
+    """``1 / (1 + exp(-x))`` forward (see the module docstring); the usual s·(1 − s) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        s = 1.0 / (1.0 + torch.exp(-x))
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (s,) = ctx.saved_tensors
+        return grad * s * (1.0 - s)
 
 
 def sigmoid(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (1.0 + torch.exp(-x))
+    return _Sigmoid.apply(x)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul
 
-KEY_BLOCK = 256
+KEY_BLOCK = 128
 QUERY_TILE = 64
 
 
