@@ -1,20 +1,26 @@
 """Operator kernels shared by the trainer and every rollout engine.
 
-One folder per operator: ``reference.py`` is readable PyTorch and the numerical truth, ``triton.py`` (where
-present) the GPU implementation, and ``__init__.py`` the public function that validates its inputs and
-dispatches. The trainer and the rollout engines call only the public functions, and a single process-wide
-:class:`KernelMode` chooses the implementation for both sides, which is what keeps their numerics identical.
+One folder per operator: ``reference.py`` is readable PyTorch and the numerical truth (the CPU path),
+``triton.py`` (where present) the GPU implementation, and ``__init__.py`` the public function that validates
+its inputs and dispatches. The trainer and the rollout engines call only the public functions, and a single
+process-wide :class:`KernelMode` chooses the implementation for both sides, which is what keeps their numerics
+identical.
 
 ``batch_invariant=True`` (the default, and the mode RL uses) makes every op's result for one token independent
-of batch size, padding, and whether the token arrives in a prefill or a decode step. How, op by op, is in
-``kernels/batch_invariant/reference.py``. ``batch_invariant=False`` selects the plain, faster formulations
-(chunked linear attention, fused SDPA, plain GEMMs); the model benchmark measures the difference.
+of batch size, padding, and whether the token arrives in a training forward, a prefill or a decode step, at
+about the plain path's cost: linear attention in chunks of ``chunk_size`` tokens at absolute positions
+(``linear_attention/reference.py``), softmax attention over key blocks at absolute positions
+(``softmax_attention/reference.py``), GEMMs whose rows do not depend on their batch
+(``batch_invariant/reference.py``), and row-wise ops that are invariant by construction. ``batch_invariant=False``
+selects the plain formulations (chunks from the first new token with a recurrent decode, fused SDPA, library
+GEMMs); ``rlplat bench kernels`` measures the difference.
 
-With ``backend="triton"`` the ops that have a Triton kernel use it (compiled on a GPU; on a CPU only under
-``TRITON_INTERPRET=1``): RMSNorm, the group-norm gate, MoE routing and FP8 quantisation, which are row-wise
-and so keep batch invariance, and chunked linear attention, which is used only when ``batch_invariant`` is
-off because a chunked prefill cannot round like a decode step. Every other op has one implementation,
-so that choice cannot differ between trainer and rollout.
+With ``backend="triton"`` every op that defines a token's numbers runs a Triton kernel (compiled on a GPU; on a
+CPU only under ``TRITON_INTERPRET=1``): the invariant GEMM, chunk-aligned linear attention, block-aligned
+softmax attention, RMSNorm, the group-norm gate, MoE routing and FP8 quantisation. The plain path on that
+backend uses the chunked Triton linear attention, torch's SDPA and cuBLAS. Every other op (RoPE, SwiGLU, the
+LM head's softmax statistics) is elementwise torch on both backends, so that choice cannot differ between
+trainer and rollout.
 """
 
 from __future__ import annotations

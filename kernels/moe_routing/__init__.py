@@ -36,8 +36,7 @@ def group_limited_topk(
         )
     mode = kernels.get_mode()
     if mode.backend == "triton":
-        impl = kernels.triton_module("moe_routing")
-        return impl.group_limited_topk(
+        return _TritonRouting.apply(
             logits_NE, expert_bias_E, top_k, n_group, topk_group, routed_scaling_factor, norm_topk_prob
         )
     return reference.group_limited_topk(
@@ -50,3 +49,32 @@ def group_limited_topk(
         norm_topk_prob,
         invariant=mode.batch_invariant,
     )
+
+
+class _TritonRouting(torch.autograd.Function):
+    """The Triton kernel's routing, with the gradient of the combine weights w.r.t. the router logits (the
+    selection itself has none). With s = sigmoid(logit) of the k chosen experts and c the scaling factor,
+    w = c·s / Σs (or c·s without renormalisation), so ∂w_i/∂s_j = c(δ_ij − w_i/c)/Σs and ∂s/∂logit = s(1 − s)."""
+
+    @staticmethod
+    def forward(ctx, logits_NE, expert_bias_E, top_k, n_group, topk_group, scaling, norm_topk_prob):
+        impl = kernels.triton_module("moe_routing")
+        weights_Nk, ids_Nk = impl.group_limited_topk(
+            logits_NE, expert_bias_E, top_k, n_group, topk_group, scaling, norm_topk_prob
+        )
+        ctx.save_for_backward(logits_NE, ids_Nk)
+        ctx.scaling, ctx.norm = scaling, norm_topk_prob
+        ctx.mark_non_differentiable(ids_Nk)
+        return weights_Nk, ids_Nk
+
+    @staticmethod
+    def backward(ctx, grad_w_Nk, _grad_ids):
+        logits_NE, ids_Nk = ctx.saved_tensors
+        s = torch.sigmoid(logits_NE.gather(1, ids_Nk))
+        if ctx.norm:
+            total = s.sum(-1, keepdim=True) + 1e-20
+            grad_s = ctx.scaling / total * (grad_w_Nk - (grad_w_Nk * s).sum(-1, keepdim=True) / total)
+        else:
+            grad_s = ctx.scaling * grad_w_Nk
+        grad_logits = torch.zeros_like(logits_NE).scatter_add_(1, ids_Nk, grad_s * s * (1 - s))
+        return grad_logits, None, None, None, None, None, None
