@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.batch_invariant.reference import rows_matmul
+from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul
 
 
 class ChunkState(NamedTuple):
@@ -61,7 +61,24 @@ class _Decays(NamedTuple):
     mask_HCC: torch.Tensor  # λ^(i-j) for j ≤ i, else exactly 0
 
 
+_DECAYS: dict[tuple, tuple[torch.Tensor, _Decays]] = {}
+
+
 def _decays(log_decay_H: torch.Tensor, C: int) -> _Decays:
+    """The decay tables of a layer, computed once: a decode step would otherwise spend more time building them
+    than computing its token. Keyed by the tensor's storage, confirmed by its values (storage is reused)."""
+    key = (log_decay_H.data_ptr(), C, str(log_decay_H.device))
+    hit = _DECAYS.get(key)
+    if hit is not None and hit[0].shape == log_decay_H.shape and torch.equal(hit[0], log_decay_H):
+        return hit[1]
+    if len(_DECAYS) >= 256:
+        _DECAYS.clear()
+    tables = _decay_tables(log_decay_H, C)
+    _DECAYS[key] = (log_decay_H.detach().clone(), tables)
+    return tables
+
+
+def _decay_tables(log_decay_H: torch.Tensor, C: int) -> _Decays:
     g = log_decay_H.float()
     i = torch.arange(C, device=g.device, dtype=torch.float32)
     diff = i[:, None] - i[None, :]
@@ -232,15 +249,21 @@ def _decode_step(q_BTHD, k_BTHD, v_BTHD, log_decay_H, scale, state: ChunkState, 
     real_B = lengths_B > 0
     rows = torch.arange(B, device=device)
     keys, values = state.keys_BHCD.clone(), state.values_BHCD.clone()
-    keys[rows[real_B], :, fill_B[real_B]] = k_BTHD[real_B, 0].to(keys.dtype)
-    values[rows[real_B], :, fill_B[real_B]] = v_BTHD[real_B, 0].to(values.dtype)
-    q = q_BTHD[:, 0].float()[:, :, None, :]  # [B, H, 1, D]
+    if not bool(real_B.all()):  # padding rows keep their state: write only the real rows' keys
+        rows, fill_B_real = rows[real_B], fill_B[real_B]
+        keys[rows, :, fill_B_real] = k_BTHD[real_B, 0].to(keys.dtype)
+        values[rows, :, fill_B_real] = v_BTHD[real_B, 0].to(values.dtype)
+    else:
+        keys[rows, :, fill_B] = k_BTHD[:, 0].to(keys.dtype)
+        values[rows, :, fill_B] = v_BTHD[:, 0].to(values.dtype)
+    # one query row, padded once to the GEMMs' row minimum (what rows_matmul would do for each of them)
+    q = torch.nn.functional.pad(q_BTHD[:, 0].float()[:, :, None, :], (0, 0, 0, MIN_ROWS - 1))  # [B, H, 16, D]
     kf, vf = keys.float(), values.float()
     S = state.state_BHDD.float()
     decay_q = dec.q_HC.t()[fill_B][:, :, None, None]  # [B, H, 1, 1]
-    inter = rows_matmul(q * decay_q, S)
-    scores = rows_matmul(q, kf.transpose(-1, -2)) * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
-    o = (inter + rows_matmul(scores, vf)) * scale
+    inter = (q * decay_q) @ S
+    scores = (q @ kf.transpose(-1, -2)) * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
+    o = ((inter + scores @ vf) * scale)[:, :, :1]
     # a full chunk is folded with the same fixed-shape GEMM and the same update as in _chunk_states
     folds = (real_B & (fill_B == C - 1))[:, None, None, None]
     if bool(folds.any()):

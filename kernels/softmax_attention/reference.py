@@ -43,9 +43,10 @@ def _expand_kv(x_BTGD: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _query_rows(q_BTHD: torch.Tensor, G: int) -> torch.Tensor:
-    """[B, Tq, H, D] -> fp32 [B, G, Tq·R, D]: the rows that share kv head g, ordered (t, r); head h = g·R + r."""
+    """[B, Tq, H, D] -> a [B, G, Tq, R, D] view (no copy): the R query heads of kv head g at each position
+    (head h = g·R + r)."""
     B, Tq, H, D = q_BTHD.shape
-    return q_BTHD.float().view(B, Tq, G, H // G, D).transpose(1, 2).reshape(B, G, Tq * (H // G), D)
+    return q_BTHD.view(B, Tq, G, H // G, D).transpose(1, 2)
 
 
 def _kv_rows(x_BTGD: torch.Tensor, span: int) -> torch.Tensor:
@@ -68,26 +69,26 @@ def block_attention(
     GEMM ([rows, D] @ [D, keys]: a score's bits depend neither on the rows nor on the keys beside it), then
     the exact max, the exponentials, and per key block one GEMM with V and one with a block of ones (the row
     sum l), added in block order. How the queries are tiled therefore changes nothing, and a decode step is a
-    tile of one position.
+    tile of one position. Only a tile's queries are ever held in fp32, so memory stays near the inputs'.
     """
     B, Tq, H, D = q_BTHD.shape
     G = k_BTGD.shape[2]
     R = H // G
-    q = _query_rows(q_BTHD, G) * scale
-    pos_BM = q_pos_BT.repeat_interleave(R, dim=1)
+    q_BGTRD = _query_rows(q_BTHD, G)
     visible = int(q_pos_BT.max()) + 1 if q_pos_BT.numel() else 1
     span = -(-visible // KEY_BLOCK) * KEY_BLOCK
     keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
-    ones = q.new_ones(KEY_BLOCK, MIN_ROWS)
-    o = q.new_empty(B, G, Tq * R, D)
-    lse = q.new_empty(B, G, Tq * R)
+    ones = keys.new_ones(KEY_BLOCK, MIN_ROWS)
+    o_BTGRD = q_BTHD.new_empty(B, Tq, G, R, D)
+    lse_BGRT = keys.new_empty(B, G, R, Tq)
     for t0 in range(0, Tq, QUERY_TILE):
-        rows = slice(t0 * R, min(t0 + QUERY_TILE, Tq) * R)
-        acc, total, m = _tile(q[:, :, rows], keys, values, ones, pos_BM[:, rows])
-        o[:, :, rows] = acc / total
-        lse[:, :, rows] = m + torch.log(total[..., 0])
-    o = o.view(B, G, Tq, R, D).transpose(1, 2).reshape(B, Tq, H, D)
-    return o.to(q_BTHD.dtype), lse.view(B, G, Tq, R).permute(0, 1, 3, 2).reshape(B, H, Tq)
+        t = slice(t0, min(t0 + QUERY_TILE, Tq))
+        n = t.stop - t.start
+        q = q_BGTRD[:, :, t].reshape(B, G, n * R, D).float() * scale
+        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t].repeat_interleave(R, dim=1))
+        o_BTGRD[:, t] = (acc / total).view(B, G, n, R, D).transpose(1, 2)
+        lse_BGRT[..., t] = (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3)
+    return o_BTGRD.view(B, Tq, H, D), lse_BGRT.view(B, H, Tq)
 
 
 def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
@@ -105,17 +106,31 @@ def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
     s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
     m = s.amax(-1)
     p = s.sub_(m[..., None]).exp_()
+    if M < MIN_ROWS:
+        # a decode tile: every block's products in one batched GEMM each (the same [16, KB] @ [KB, ·] products
+        # as below, fewer calls), then added in block order
+        B, G = p.shape[:2]
+        p_blocks = p.view(B, G, MIN_ROWS, blocks, KEY_BLOCK).transpose(2, 3)
+        v_blocks = values_BGLD[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
+        parts, part_totals = p_blocks @ v_blocks, p_blocks @ ones
+        acc, total = parts[:, :, 0], part_totals[:, :, 0, :, :1]
+        for b in range(1, blocks):
+            acc, total = acc + parts[:, :, b], total + part_totals[:, :, b, :, :1]
+        return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
     acc = total = None
     for b in range(blocks):
         keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
         part, part_total = rows_matmul(p[..., keys], values_BGLD[:, :, keys]), rows_matmul(p[..., keys], ones)
         acc = part if acc is None else acc + part
         total = part_total[..., :1] if total is None else total + part_total[..., :1]
-    return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
+    return acc, total, m
 
 
 class BlockAttention(torch.autograd.Function):
-    """Training: the block-aligned forward, torch's flash-attention backward (positions 0..T-1, causal)."""
+    """Training: the block-aligned forward, then torch's fused flash-attention backward (positions 0..T-1,
+    causal) fed with this forward's output and log-sum-exp, one kv head's query heads at a time (the op wants
+    equal head counts, and expanding one kv head's keys at a time keeps memory near the plain path's), in the
+    inputs' dtype as the plain path's backward runs."""
 
     @staticmethod
     def forward(ctx, q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale):
@@ -127,24 +142,23 @@ class BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_o_BTHD):
         q, k, v, o, lse = ctx.saved_tensors
-        H, G = q.shape[2], k.shape[2]
-        dtype = torch.float32
-        as_heads = lambda x: x.to(dtype).transpose(1, 2).contiguous()  # [B, H, T, D], the op's layout
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            as_heads(grad_o_BTHD), as_heads(q), as_heads(_expand_kv(k, H)), as_heads(_expand_kv(v, H)),
-            as_heads(o), lse.contiguous(), 0.0, True, scale=ctx.scale,
-        )  # fmt: skip
-        B, _, T, D = dk.shape
-        # the R query heads of a kv head each hold a share of its gradient
-        dk = dk.view(B, G, H // G, T, D).sum(2)
-        dv = dv.view(B, G, H // G, T, D).sum(2)
-        return (
-            dq.transpose(1, 2).to(q.dtype),
-            dk.transpose(1, 2).to(k.dtype),
-            dv.transpose(1, 2).to(v.dtype),
-            None,
-            None,
-        )
+        B, T, H, D = q.shape
+        G = k.shape[2]
+        R = H // G
+        # strided views, expanded keys included: the op reads them in place (checked equal to contiguous inputs)
+        heads = lambda x, g: x[:, :, g * R : (g + 1) * R].transpose(1, 2)  # [B, R, T, D]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for g in range(G):
+            kv = lambda x: x[:, :, g].unsqueeze(1).expand(B, R, T, D).to(q.dtype)
+            dq_g, dk_g, dv_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                heads(grad_o_BTHD.to(q.dtype), g), heads(q, g), kv(k), kv(v), heads(o, g),
+                lse[:, g * R : (g + 1) * R].contiguous(), 0.0, True, scale=ctx.scale,
+            )  # fmt: skip
+            dq[:, :, g * R : (g + 1) * R] = dq_g.transpose(1, 2)
+            # the R query heads of a kv head each hold a share of its gradient
+            dk[:, :, g] = dk_g.float().sum(1).to(k.dtype)
+            dv[:, :, g] = dv_g.float().sum(1).to(v.dtype)
+        return dq, dk, dv, None, None
 
 
 def attention_invariant(
