@@ -149,7 +149,7 @@ class BlockAttention(torch.autograd.Function):
         heads = lambda x, g: x[:, :, g * R : (g + 1) * R].transpose(1, 2)  # [B, R, T, D]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for g in range(G):
-            kv = lambda x: x[:, :, g].unsqueeze(1).expand(B, R, T, D).to(q.dtype)
+            kv = lambda x, g=g: x[:, :, g].unsqueeze(1).expand(B, R, T, D).to(q.dtype)
             dq_g, dk_g, dv_g = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 heads(grad_o_BTHD.to(q.dtype), g), heads(q, g), kv(k), kv(v), heads(o, g),
                 lse[:, g * R : (g + 1) * R].contiguous(), 0.0, True, scale=ctx.scale,
