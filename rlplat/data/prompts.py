@@ -15,15 +15,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlplat.data import arith
+from rlplat.data import arith, chain
 
 
 class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: Literal["arith", "jsonl", "hf"] = Field(
+    source: Literal["arith", "chain", "jsonl", "hf"] = Field(
         "arith",
-        description="arith: synthetic arithmetic; jsonl: a GSM8K-style file; hf: a Hugging Face dataset.",
+        description="arith: synthetic arithmetic; chain: chained addition with a worked solution (long "
+        "responses); jsonl: a GSM8K-style file; hf: a Hugging Face dataset.",
     )
     path: str | None = Field(None, description="JSONL file (source=jsonl) or dataset name (source=hf).")
     eval_path: str | None = Field(
@@ -36,7 +37,8 @@ class DataConfig(BaseModel):
     use_chat_template: bool = Field(
         False, description="Wrap the prompt as a user message in the chat template."
     )
-    max_operand: int = Field(9, ge=1, description="arith: operands are drawn from 0..max_operand.")
+    max_operand: int = Field(9, ge=1, description="arith, chain: operands are drawn from 0..max_operand.")
+    chain_terms: tuple[int, int] = Field((3, 5), description="chain: [min, max] numbers added per problem.")
     operators: str = Field("+", description="arith: operators to use, from '+-*'.")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share when no eval_path is given.")
     prompts_per_step: int = Field(
@@ -58,6 +60,11 @@ class PromptItem:
     id: str
     question: str
     answer: Any  # the reward's label: a string for math, a dict of tests for code
+    solution: str | None = None  # what the supervised warm start imitates; None: the answer itself
+
+    @property
+    def demonstration(self) -> str:
+        return self.solution if self.solution is not None else str(self.answer)
 
 
 def _read_jsonl(path: str, cfg: DataConfig) -> list[PromptItem]:
@@ -101,6 +108,12 @@ def load_prompts(cfg: DataConfig, seed: int = 0) -> tuple[list[PromptItem], list
     if cfg.source == "arith":
         train, held_out = arith.split(cfg.max_operand, cfg.operators, cfg.eval_fraction)
         as_items = lambda ps, tag: [PromptItem(f"{tag}-{p.question}", p.question, p.answer) for p in ps]
+        return as_items(train, "train"), as_items(held_out, "eval")
+    if cfg.source == "chain":
+        train, held_out = chain.split(cfg.max_operand, *cfg.chain_terms, cfg.eval_fraction)
+        as_items = lambda ps, tag: [
+            PromptItem(f"{tag}-{p.question}", p.question, p.answer, p.solution) for p in ps
+        ]
         return as_items(train, "train"), as_items(held_out, "eval")
     read = (
         (lambda path: _read_jsonl(path, cfg))
