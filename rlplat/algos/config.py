@@ -102,6 +102,13 @@ class AlgoConfig(_Closed):
             raise ValueError("loss_agg_mode 'seq-mean-token-sum-norm' needs loss_agg_max_len")
         if self.kl.mode != "none" and self.kl.coef == 0.0:
             raise ValueError(f"kl.mode is {self.kl.mode!r} but kl.coef is 0; set a coefficient or mode: none")
+        c = self.correction
+        if c.method != "none" and c.use_rollout_logp_as_old:
+            raise ValueError(
+                f"algo.correction.method={c.method} weighs the trainer's recomputed π_old against the rollout's "
+                "log-probs, but use_rollout_logp_as_old makes π_old those very log-probs, so it would do nothing: "
+                "set algo.correction.use_rollout_logp_as_old=false (or method=none)"
+            )
         return self
 
     def clip(self) -> ClipConfig:

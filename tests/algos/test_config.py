@@ -36,6 +36,9 @@ def test_choices_are_closed_and_cross_checked():
         AlgoConfig.model_validate({"kl": {"mode": "loss"}})
     with pytest.raises(ValidationError):
         AlgoConfig.model_validate({"ppo": {"dual_clip": 1.0}})
+    # a correction needs the trainer's own π_old: with the rollout's log-probs as π_old it would do nothing
+    with pytest.raises(ValidationError, match="use_rollout_logp_as_old=false"):
+        AlgoConfig.model_validate({"correction": {"method": "token_tis", "use_rollout_logp_as_old": True}})
 
 
 def test_config_literals_match_the_functions():

@@ -152,7 +152,7 @@ def test_kl_builds_a_frozen_reference(tiny, make_batch):
         dict(
             advantage_estimator="reinforce_pp",
             kl={"mode": "reward", "coef": 0.05},
-            correction={"method": "sequence_mis", "use_rollout_logp_as_old": True},
+            correction={"method": "sequence_mis"},
         ),
     ],
 )
