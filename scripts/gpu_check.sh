@@ -37,8 +37,10 @@ if [ "$DRY" = 1 ]; then
   DEVICE=cpu
   export TRITON_INTERPRET=1
   PYTEST_SEL=(tests/kernels/test_triton_invariant_gemm.py -m "gpu or triton")
-  BENCH_ARGS=(--quick)
-  ALIGN_ARGS=(--num-prompts 2 --n 1 rollout.alignment.prompt_length=[1,40] rollout.alignment.max_new_tokens=[4,8])
+  BENCH_ARGS=(--quick --ops gemm,linear_attention --backend reference)  # plumbing only: the interpreter is slow
+  ALIGN_OVERRIDES=("rollout.alignment.prompt_length=[1,40]" "rollout.alignment.max_new_tokens=[4,8]")
+  ALIGN_FLAGS=(--num-prompts 2 --n 1)
+  ALIGN_TIMEOUT=600  # the interpreter is ~700x slower than a GPU
 else
   PY=python3
   DEVICE=cuda
@@ -52,8 +54,10 @@ else
     >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; exit 2; }
   export PYTHONPATH=/tmp/site:$PWD
   PYTEST_SEL=(tests/kernels tests/models/test_invariance.py -m "gpu or triton")
-  BENCH_ARGS=(--repeats 3 --layer)
-  ALIGN_ARGS=(--num-prompts 16 --n 2 rollout.alignment.prompt_length=[1,300] rollout.alignment.max_new_tokens=[64,200])
+  BENCH_ARGS=(--repeats 3 --layer --backend triton)
+  ALIGN_OVERRIDES=("rollout.alignment.prompt_length=[1,300]" "rollout.alignment.max_new_tokens=[64,200]")
+  ALIGN_FLAGS=(--num-prompts 16 --n 2)
+  ALIGN_TIMEOUT=45
 fi
 
 step "machine"
@@ -69,23 +73,25 @@ tail -n 3 "$LOG" | tee -a "$SUMMARY"
 
 step "3. check-alignment on $DEVICE (native engine)"
 for precision in fp32 bf16 fp8; do
-  timeout 45 $PY -m rlplat.cli check-alignment configs/tiny_math.yaml model.device=$DEVICE kernels.backend=triton \
-    model.precision=$precision "${ALIGN_ARGS[@]}" --require-exact >"$OUT/alignment-$precision.json" 2>>"$LOG"
+  timeout $ALIGN_TIMEOUT $PY -m rlplat.cli check-alignment configs/tiny_math.yaml model.device=$DEVICE kernels.backend=triton \
+    model.precision=$precision "${ALIGN_OVERRIDES[@]}" "${ALIGN_FLAGS[@]}" --require-exact \
+    >"$OUT/alignment-$precision.json" 2>>"$LOG"
   rc=$?
   record "check-alignment $precision" $rc
   $PY -c "import json,sys; d=json.load(open(sys.argv[1])); print({k: d[k] for k in ('exact','max_abs_logprob_diff','num_tokens','seconds')})" \
     "$OUT/alignment-$precision.json" 2>&1 | tee -a "$SUMMARY"
 done
-if $PY -c "import vllm" >/dev/null 2>&1; then
+if [ "$DRY" != 1 ] && $PY -c "import vllm" >/dev/null 2>&1; then
   timeout 240 $PY -m rlplat.cli check-alignment configs/tiny_math.yaml rollout.backend=vllm kernels.backend=triton \
-    "${ALIGN_ARGS[@]}" --require-exact >"$OUT/alignment-vllm.json" 2>>"$LOG"
+    "${ALIGN_OVERRIDES[@]}" rollout.vllm.max_model_len=512 "${ALIGN_FLAGS[@]}" --require-exact \
+    >"$OUT/alignment-vllm.json" 2>>"$LOG"
   record "check-alignment vllm fp32" $?
 else
   echo "check-alignment vllm: skipped (vLLM is not installed on this machine)" | tee -a "$SUMMARY" "$LOG"
 fi
 
 step "4. bench kernels on $DEVICE"
-timeout 210 $PY -m rlplat.cli bench kernels --device $DEVICE --backend triton --out "$OUT" "${BENCH_ARGS[@]}" \
+timeout 210 $PY -m rlplat.cli bench kernels --device $DEVICE --out "$OUT" "${BENCH_ARGS[@]}" \
   >>"$LOG" 2>&1
 record "bench kernels" $?
 
