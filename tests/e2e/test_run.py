@@ -24,6 +24,7 @@ TINY = [
     "algo.kl.mode=loss",
     "algo.kl.coef=0.01",
     "algo.correction.method=icepop",
+    "algo.correction.use_rollout_logp_as_old=false",  # IcePop needs the trainer's own π_old
 ]
 
 
