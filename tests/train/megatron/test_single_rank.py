@@ -31,7 +31,8 @@ def _batch() -> TrainBatch:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_forward_is_bitwise_the_torch_models(one_rank, precision):
-    worker = TrainerWorker(_config(precision))
+    # The worker sets its process's torch thread count (its own Ray actor process, in a run): keep this one's.
+    worker = TrainerWorker(_config(precision), num_threads=torch.get_num_threads())
     cfg = ExperimentConfig.model_validate(_config(precision))
     torch_trainer = Trainer(
         build_policy(cfg.model), cfg.algo, cfg.trainer.model_copy(update={"backend": "torch"})
