@@ -132,7 +132,10 @@ def _process_state() -> dict[tuple, object]:
     for name, lg in loggers.items():
         state["logger", name] = _logger_state(lg)
     for sig in SIGNALS:
-        state["signal", sig] = signal.getsignal(sig)
+        handler = signal.getsignal(sig)
+        # pytest-timeout installs a new SIGALRM handler for each test
+        timeout = getattr(handler, "__module__", None) == "pytest_timeout"
+        state["signal", sig] = "pytest-timeout's handler" if timeout else handler
     with warnings.catch_warnings():  # looking at a deprecated attribute (torch.distributed.reduce_op) warns
         warnings.simplefilter("ignore")
         for name, module in list(sys.modules.items()):
@@ -173,7 +176,7 @@ def _restore(key: tuple, before: object) -> None:
             os.environ[name] = before
     elif kind == "logger":
         _set_logger_state(logging.getLogger(name or None), before)
-    elif kind == "signal" and before is not None:
+    elif kind == "signal" and before is not None and not isinstance(before, str):
         signal.signal(name, before)
     elif kind == "module":
         sys.modules[name] = before
@@ -218,16 +221,21 @@ def _isolated_test():
     torch.set_rng_state(rng[0])
     random.setstate(rng[1])
     np.random.set_state(rng[2])
+    changes = _put_back(before)
+    if changes:
+        pytest.fail(
+            "the test left process-wide state changed (put back now, for the tests after it):\n"
+            + "\n".join(changes),
+            pytrace=False,
+        )
+
+
+def _put_back(before: dict) -> list[str]:
+    """Restore what changed since ``before``; returns a line for each change."""
     changes = _changes(before, _process_state())
     for key, old, _ in changes:
         _restore(key, old)
-    if changes:
-        lines = [f"  {_describe(key)}: {_show(old)} -> {_show(new)}" for key, old, new in changes]
-        pytest.fail(
-            "the test left process-wide state changed (put back now, for the tests after it):\n"
-            + "\n".join(lines),
-            pytrace=False,
-        )
+    return [f"  {_describe(key)}: {_show(old)} -> {_show(new)}" for key, old, new in changes]
 
 
 @pytest.hookimpl(wrapper=True)
@@ -239,6 +247,16 @@ def pytest_fixture_setup(fixturedef, request):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return (yield)
+
+
+def _process_helper(proc_dir: str) -> bool:
+    """multiprocessing's resource tracker and fork server: started once (by the first spawn) and kept for the
+    life of the process, not by the test that happened to start them."""
+    try:
+        cmdline = Path(proc_dir, "cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"multiprocessing.resource_tracker" in cmdline or b"multiprocessing.forkserver" in cmdline
 
 
 def _descendants() -> dict[int, str]:
@@ -253,7 +271,7 @@ def _descendants() -> dict[int, str]:
             continue
         name_end = stat.rindex(")")
         state, ppid = stat[name_end + 2 :].split()[:2]
-        if state != "Z":
+        if state != "Z" and not _process_helper(entry.path):
             pid = int(entry.name)
             parent_of[pid], names[pid] = int(ppid), stat[stat.index("(") + 1 : name_end]
     found, frontier = {}, {os.getpid()}
@@ -302,11 +320,13 @@ def _module_leftovers(processes, threads, files, ray_was) -> list[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_module():
-    """A test module (with its fixtures) stops what it started and writes only to temporary directories."""
+    """A test module (with its fixtures) stops what it started, writes only to temporary directories, and
+    leaves the process-wide state as it found it (its module-scoped fixtures included)."""
     processes, files, ray_was = _descendants(), _checkout_files(), _ray_initialized()
     threads = {t.ident for t in threading.enumerate()}
+    before = _process_state()
     yield
-    leftovers = _module_leftovers(processes, threads, files, ray_was)
+    leftovers = _module_leftovers(processes, threads, files, ray_was) + _put_back(before)
     if leftovers:
         pytest.fail("the test module left behind:\n" + "\n".join(leftovers), pytrace=False)
 
