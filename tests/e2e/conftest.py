@@ -1,5 +1,3 @@
-import os
-
 import pytest
 
 
@@ -8,7 +6,8 @@ def local_ray():
     """One local Ray instance for a test module (2 CPUs, as on the CI machine)."""
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_ADDRESS", raising=False)  # put back after the module
+        ray.init(num_cpus=2, include_dashboard=False)
+        yield
+        ray.shutdown()

@@ -3,8 +3,6 @@
 weights to the rollout worker. The CPU shim reaches the actors' processes through Ray's
 ``worker_process_setup_hook``, so the library itself carries no CPU accommodation."""
 
-import os
-
 import pytest
 
 from rlplat.config import load_config
@@ -14,7 +12,7 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def ray_with_shim():
+def ray_with_shim(monkeypatch):
     import ray
 
     def install_shim():  # pickled by value into every Ray worker
@@ -23,7 +21,7 @@ def ray_with_shim():
         if not torch.cuda.is_available():
             torch.cuda.current_device = lambda: torch.device("cpu")
 
-    os.environ.pop("RAY_ADDRESS", None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # a local instance, whatever cluster the shell names
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"worker_process_setup_hook": install_shim})
     yield
     ray.shutdown()
