@@ -251,10 +251,11 @@ def _has_rl_steps(run: RunData) -> bool:
     return any(r[ms.STEP] >= 1 for r in run.metrics)
 
 
-def absent_text(run: RunData, off: str | None, what: str = "") -> str:
-    """Why a chart or card has no data: its feature is off, nothing is logged yet, or the run lacks it."""
+def absent_text(run: RunData, off: str | None) -> str:
+    """Why a chart or card has no data: its feature is off (``off``: the setting), nothing is logged yet, or
+    the run lacks it."""
     if off is not None:
-        return f"off in this run: {what} ({off})" if what else f"off in this run ({off})"
+        return f"off in this run ({off})"
     return "not recorded by this run" if _has_rl_steps(run) else "no data yet"
 
 
@@ -316,16 +317,18 @@ def chart_figure(chart: ms.Chart, run: RunData) -> dict[str, Any]:
         layout["margin"]["b"] = 75
     if not traces:
         chart_off = off_setting(chart.switch, run.config)
-        text = absent_text(run, chart_off, chart.switch.off if chart_off else "")
+        text = absent_text(run, None)
+        if chart_off is not None:  # three short lines: a long one is cut off on a narrow chart
+            text = f"off in this run<br>{chart.switch.off}<br>({chart_off})"
         layout["annotations"] = [
             {
-                "text": text.replace(": ", "<br>", 1) if chart_off else text,  # two lines fit the width
+                "text": text,
                 "xref": "paper",
                 "yref": "paper",
                 "x": 0.5,
                 "y": 0.5,
                 "showarrow": False,
-                "font": {"size": 16, "color": "#888"},
+                "font": {"size": 15, "color": "#888"},
             }
         ]
         layout["xaxis"]["showticklabels"] = False

@@ -192,12 +192,12 @@ def test_features_off_and_hidden_text(driver, sync_run, tmp_path):
     driver.get(render_dashboard(sync_run).as_uri())
     charts = _check_charts(driver, sync_run)
     text = {chart_id: " ".join(state["text"].split()) for chart_id, state in charts.items()}
-    for chart_id, why in (
-        ("kl_ref", "no reference policy (algo.kl.mode: none)"),
-        ("stream", "no experience stream in sync mode (run.mode: sync)"),
-        ("icepop", "IcePop is not the correction (algo.correction.method: none)"),
+    for chart_id, why, setting in (
+        ("kl_ref", "no reference policy", "(algo.kl.mode: none)"),
+        ("stream", "no experience stream in sync mode", "(run.mode: sync)"),
+        ("icepop", "IcePop is not the correction", "(algo.correction.method: none)"),
     ):
-        assert "off in this run" in text[chart_id] and why in text[chart_id], text[chart_id]
+        assert all(part in text[chart_id] for part in ("off in this run", why, setting)), text[chart_id]
     assert "held-out eval: off in this run (run.eval_every: 0)" in text["accuracy"]
     assert "not recorded by this run" in text["reward_terms"]
     assert not any("no data yet" in t for t in text.values())

@@ -80,11 +80,15 @@ def _annotation(fig) -> str:
 def test_features_off_in_the_config_say_so(sync_run):
     html = render_html(sync_run)
     figs = _figures(html)
-    assert _annotation(figs["kl_ref"]) == "off in this run<br>no reference policy (algo.kl.mode: none)"
+    assert _annotation(figs["kl_ref"]) == "off in this run<br>no reference policy<br>(algo.kl.mode: none)"
     assert (
-        _annotation(figs["stream"]) == "off in this run<br>no experience stream in sync mode (run.mode: sync)"
+        _annotation(figs["stream"])
+        == "off in this run<br>no experience stream in sync mode<br>(run.mode: sync)"
     )
-    assert _annotation(figs["icepop"]).startswith("off in this run<br>IcePop is not the correction")
+    assert (
+        _annotation(figs["icepop"])
+        == "off in this run<br>IcePop is not the correction<br>(algo.correction.method: none)"
+    )
     assert figs["accuracy"]["note"] == "held-out eval: off in this run (run.eval_every: 0)"
     assert figs["reward"]["note"] == "eval: off in this run (run.eval_every: 0)"
     assert [t["name"] for t in figs["accuracy"]["data"]] == ["train"]
