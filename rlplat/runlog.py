@@ -28,6 +28,7 @@ from typing import IO, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rlplat.algos.ratios import MAX_LOG_RATIO
 from rlplat.dashboard import metrics_schema as ms
 
 
@@ -55,7 +56,8 @@ def mismatch_summary(
 
     ``train_logp`` / ``rollout_logp``: the response tokens' log-probs under the trainer and the rollout engine
     (lists; call ``.tolist()`` on tensors). ``keep``: IcePop's keep mask for those tokens, if it ran. KL is the
-    k3 estimate of KL(pi_rollout || pi_train), as in ``rlplat.algos.metrics.mismatch_metrics``.
+    k3 estimate of KL(pi_rollout || pi_train), as in ``rlplat.algos.metrics.mismatch_metrics``, with the
+    log-ratio bounded by 20 as there (``rlplat.algos.ratios``): ``math.expm1`` raises OverflowError past 709.
     """
     if len(train_logp) != len(rollout_logp):
         raise ValueError(
@@ -66,11 +68,12 @@ def mismatch_summary(
         raise ValueError(f"keep has {len(keep)} entries for {len(train_logp)} tokens")
     n = len(train_logp)
     d = [float(t) - float(r) for t, r in zip(train_logp, rollout_logp)]
+    c = [min(x, MAX_LOG_RATIO) for x in d]
     return {
         "num_tokens": n,
         "max_abs_dlogp": max((abs(x) for x in d), default=0.0),
         "mean_abs_dlogp": sum(abs(x) for x in d) / n if n else 0.0,
-        "kl": sum(math.expm1(x) - x for x in d) / n if n else 0.0,
+        "kl": sum(math.expm1(x) - x for x in c) / n if n else 0.0,
         "masked_fraction": (sum(not k for k in keep) / n if n else 0.0) if keep is not None else 0.0,
     }
 

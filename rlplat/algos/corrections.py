@@ -20,6 +20,12 @@ Deviations: the Ring-1T objective writes IcePop as M(k) = k inside [alpha, beta]
 ratio; here IcePop is the mask alone and the ratio weight is the separate TIS option, so the two compose
 (``loss_BT * token_tis_weights(...)`` with ``mask_BT & keep_BT``). Ratios are compared in log space so a
 product over thousands of tokens cannot overflow. All weights and masks are constants (no gradient).
+
+Overflow: none of these needs the ±20 log-ratio clamp of the losses and KL (``ratios``). TIS truncates in log
+space, exp(min(delta, log C)), so the weight is at most C, and a very negative delta underflows to a weight
+of 0. IcePop and MIS compare delta with log alpha / log beta (log low / log high) and never exponentiate.
+A clamp here would change decisions, not only values: with a bound beyond e^20 (IcePop beta = 1e10, say)
+a clamped delta of 99.5 would pass as 20 and the token would be kept.
 """
 
 import math

@@ -16,13 +16,19 @@ estimate is a constant, r'_t = r_t - beta * kl_t per token, or r'_i = r_i - beta
 Entropy bonus: H_t = -sum_v p_v log p_v from the logits; the loss term is -coef * H_t (maximising
 entropy), added to ``loss_BT`` before aggregation.
 
-Deviation: no clamping of the log-ratio (some frameworks clip k3 at 10); non-finite inputs raise instead.
+k3 exponentiates -x, so x is bounded below by -20 first, in both of its terms (``ratios.MAX_LOG_RATIO``,
+as verl's ``low_var_kl``): a token with pi far below pi_ref (x = -99.5 overflows float32) gets a finite KL,
+e^20 - 21, and no gradient, instead of inf / NaN that would refuse the step or crash the metrics. Values for
+x >= -20 are unchanged. Deviations from verl: x > 20 is not clamped (e^-x underflows to 0 there, and k3 ~
+x - 1 keeps its value and its pull toward pi_ref), and the k3 value is not clamped to [-10, 10] (see
+``ratios``). k1 and k2 exponentiate nothing and are not bounded. Non-finite inputs raise.
 """
 
 from typing import Literal, get_args
 
 import torch
 
+from rlplat.algos.ratios import MAX_LOG_RATIO
 from rlplat.algos.validation import as_float, as_mask, check_2d, check_finite, check_shape, masked_values
 
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -44,7 +50,8 @@ def kl_estimate(
     elif estimator == "k2":
         kl_BT = 0.5 * x_BT.square()
     else:
-        # expm1 keeps r - 1 accurate when the policies are close.
+        # expm1 keeps r - 1 accurate when the policies are close; the bound keeps exp(-x) finite.
+        x_BT = x_BT.clamp_min(-MAX_LOG_RATIO)
         kl_BT = torch.expm1(-x_BT) + x_BT
     return torch.where(m_BT, kl_BT, 0.0)
 

@@ -28,12 +28,17 @@ Implementation notes and deviations:
   token of a clipped unit counts as clipped).
 - Importance weights for the train–inference mismatch (TIS, IcePop) are not applied here: multiply
   ``loss_BT`` by ``corrections.token_tis_weights`` and/or AND the ``corrections`` masks into ``mask_BT``.
+- The log-ratio is clamped to [-20, 20] before ``exp`` (``ratios.clamp_log_ratio``), as verl does: a token
+  whose log-ratio is beyond that (e.g. 99.5, which overflows float32) gets a finite loss (ratio e^20) and no
+  gradient, instead of an inf loss and NaN gradients that make the trainer refuse the whole step. Within
+  ±20 nothing changes. For GSPO / LPO the clamp wraps the whole GSPO-token exponent, so the same holds.
 """
 
 from typing import NamedTuple
 
 import torch
 
+from rlplat.algos.ratios import clamp_log_ratio
 from rlplat.algos.validation import as_mask, check_2d, check_shape, masked_values
 
 
@@ -105,7 +110,7 @@ def ppo_clip_loss(
     """Token-level PPO clip loss with separate low/high clip and optional dual-clip constant c > 1."""
     _check_clip(clip_low, clip_high, dual_clip)
     logp_BT, old_logp_BT, adv_BT, m_BT = _inputs(logp_BT, old_logp_BT, adv_BT, mask_BT)
-    ratio_BT = torch.exp(logp_BT - old_logp_BT)
+    ratio_BT = torch.exp(clamp_log_ratio(logp_BT - old_logp_BT))
     return _clipped_surrogate(ratio_BT, adv_BT, m_BT, clip_low, clip_high, dual_clip)
 
 
@@ -141,8 +146,9 @@ def _unit_ratio_loss(
     dual_clip: float | None,
 ) -> PolicyLossOutput:
     unit_log_ratio_BT = unit_mean_log_ratio(logp_BT - old_logp_BT, m_BT, unit_ids_BT)
-    # GSPO-token: value exp(unit mean log-ratio), gradient s_unit * grad log pi(y_t) per token.
-    ratio_BT = torch.exp(logp_BT - logp_BT.detach() + unit_log_ratio_BT.detach())
+    # GSPO-token: value exp(unit mean log-ratio), gradient s_unit * grad log pi(y_t) per token. The clamp
+    # wraps the gradient term too: a unit beyond ±20 gets a finite ratio and no gradient, as in PPO.
+    ratio_BT = torch.exp(clamp_log_ratio(logp_BT - logp_BT.detach() + unit_log_ratio_BT.detach()))
     return _clipped_surrogate(ratio_BT, adv_BT, m_BT, clip_low, clip_high, dual_clip)
 
 

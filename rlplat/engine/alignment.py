@@ -5,7 +5,9 @@ batch, at the sampling temperature: exactly what the trainer computes for its lo
 two log-probs of every response token:
 - ``max_abs_logprob_diff`` / ``mean_abs_logprob_diff``: |trainer − rollout|;
 - ``mismatch_kl``: the k3 estimator of KL(rollout ‖ trainer), mean over tokens of r − 1 − log r with
-  r = exp(trainer − rollout) (samples come from the rollout policy, so this is unbiased and ≥ 0);
+  r = exp(trainer − rollout) (samples come from the rollout policy, so this is unbiased and ≥ 0), with
+  trainer − rollout bounded by 20 as in the trainer's ``mismatch/kl`` (``rlplat.algos.ratios``), so one wild
+  token gives a large finite number, not inf (which JSON cannot carry);
 - ``exact``: every log-prob bitwise equal.
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rlplat.algos.ratios import MAX_LOG_RATIO
 from rlplat.engine.backend import RolloutBackend, Sample
 from rlplat.engine.config import AlignmentConfig, SamplingParams
 from rlplat.models import RingLinearForCausalLM
@@ -69,12 +72,13 @@ def compare(rollout: Sequence[torch.Tensor], trainer: Sequence[torch.Tensor]) ->
     r = torch.cat(list(rollout)).double()
     t = torch.cat(list(trainer)).double()
     log_ratio = t - r
+    clamped = log_ratio.clamp_max(MAX_LOG_RATIO)  # below, exp underflows to 0 and k3 ~ -log_ratio - 1
     return {
         "num_sequences": len(rollout),
         "num_tokens": int(r.numel()),
         "max_abs_logprob_diff": float(log_ratio.abs().max()) if r.numel() else 0.0,
         "mean_abs_logprob_diff": float(log_ratio.abs().mean()) if r.numel() else 0.0,
-        "mismatch_kl": float((log_ratio.exp() - 1 - log_ratio).mean()) if r.numel() else 0.0,
+        "mismatch_kl": float((clamped.exp() - 1 - clamped).mean()) if r.numel() else 0.0,
         "exact": exact,
     }
 

@@ -1,10 +1,15 @@
-"""``rlplat check-alignment CONFIG [overrides]``: rollout log-probs against the trainer's forward, as JSON."""
+"""``rlplat check-alignment CONFIG [overrides]``: rollout log-probs against the trainer's forward, as JSON.
+
+Stdout holds the JSON report alone (``rlplat check-alignment ... | jq .`` works): the backend runs inside
+``rlplat.jsonout.stdout_to_stderr``, so vLLM's log lines, its engine processes' included, go to stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from rlplat.jsonout import print_json, stdout_to_stderr
 
 
 def register(sub) -> None:
@@ -22,6 +27,13 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with stdout_to_stderr():
+        report = _report(args)
+    print_json(report)
+    return 1 if args.require_exact and not report["exact"] else 0
+
+
+def _report(args: argparse.Namespace) -> dict:
     import kernels
     from rlplat.config import load_config
     from rlplat.engine.alignment import alignment_requests, check_alignment
@@ -48,8 +60,14 @@ def run(args: argparse.Namespace) -> int:
     prompts, sampling = alignment_requests(rollout.alignment, rollout.sampling, mc.vocab_size, special)
 
     start = time.perf_counter()
-    result = check_alignment(backend, trainer, prompts, sampling)
-    report = {
+    try:
+        result = check_alignment(backend, trainer, prompts, sampling)
+        seconds = round(time.perf_counter() - start, 2)
+    finally:
+        close = getattr(backend, "close", None)  # vLLM's engine processes: stopped while stdout is stderr
+        if close is not None:
+            close()
+    return {
         "backend": rollout.backend,
         "precision": cfg.model.precision,
         **{k: result.pop(k) for k in list(result)},
@@ -62,7 +80,5 @@ def run(args: argparse.Namespace) -> int:
         "prompt_length": list(rollout.alignment.prompt_length),
         "max_new_tokens": list(rollout.alignment.max_new_tokens),
         "temperature": sampling[0].logprob_temperature,
-        "seconds": round(time.perf_counter() - start, 2),
+        "seconds": seconds,
     }
-    print(json.dumps(report, indent=2))
-    return 1 if args.require_exact and not report["exact"] else 0

@@ -55,6 +55,23 @@ def test_sequence_tis_does_not_overflow_on_long_sequences():
     torch.testing.assert_close(w_BT, torch.full((1, 1000), 2.0))
 
 
+def test_extreme_log_ratios_stay_finite_and_keep_their_decisions():
+    # float32 deltas of ±99.5 (exp overflows / underflows): TIS weights are the cap and 0, finite. IcePop and
+    # MIS compare in log space, unclamped: with bounds far beyond e^20 (1e10 = e^23) a delta of 99.5 is still
+    # outside them (a ±20 clamp would wrongly keep it), and -99.5 is below any lower bound.
+    old_BT = torch.tensor([[99.5, -99.5]])
+    rollout_BT, mask_BT = torch.zeros(1, 2), torch.ones(1, 2)
+    torch.testing.assert_close(
+        token_tis_weights(old_BT, rollout_BT, mask_BT, cap=2.0), torch.tensor([[2.0, 0]])
+    )
+    seq_BT = sequence_tis_weights(old_BT[:, :1], rollout_BT[:, :1], mask_BT[:, :1], cap=2.0)
+    torch.testing.assert_close(seq_BT, torch.tensor([[2.0]]))
+    keep_BT, _ = icepop_mask(old_BT, rollout_BT, mask_BT, alpha=1e-10, beta=1e10)
+    assert keep_BT.tolist() == [[False, False]]
+    mis = sequence_rejection_mask(old_BT.T, rollout_BT.T, mask_BT.T, low=1e-10, high=1e10)
+    assert mis.keep_B.tolist() == [False, False]
+
+
 def test_icepop_mask_and_fraction():
     # [alpha, beta] = [0.5, 2] -> (0.6 keep, 3 drop, 1.9 keep), (0.4 drop, 0.8 keep); 2 of 5 valid masked.
     old_BT, rollout_BT, mask_BT = _ratios([[0.6, 3.0, 1.9], [0.4, 0.8, None]])

@@ -43,6 +43,17 @@ def test_k3_as_loss_term_gradient():
     torch.testing.assert_close(logp_BT.grad, torch.tensor([[0.5, -1.0, 0.0]], dtype=F64))
 
 
+def test_k3_is_finite_when_pi_is_far_below_the_reference():
+    # float32, x = log pi - log pi_ref = -99.5: e^-x = e^99.5 overflows (inf, and NaN gradient) without the
+    # bound; bounded at x = -20: k3 = e^20 - 1 - 20, no gradient. x = +99.5 is not bounded: e^-x underflows to
+    # 0, k3 = 98.5 and the gradient 1 - e^-x = 1 keep pulling pi down toward pi_ref.
+    logp_BT = torch.tensor([[-99.5, 99.5]], requires_grad=True)
+    kl_BT = kl_estimate(logp_BT, torch.zeros(1, 2), torch.ones(1, 2), "k3")
+    torch.testing.assert_close(kl_BT, torch.tensor([[math.expm1(20.0) - 20.0, 98.5]]))
+    kl_BT.sum().backward()
+    torch.testing.assert_close(logp_BT.grad, torch.tensor([[0.0, 1.0]]))
+
+
 def test_fold_kl_into_token_and_sequence_rewards():
     # Tokens: (0, 1) - 0.1 * (0.5, 0.25) = (-0.05, 0.975).
     out_BT = fold_kl_into_token_rewards(

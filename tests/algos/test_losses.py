@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from rlplat.algos.aggregation import aggregate_loss
 from rlplat.algos.losses import gspo_loss, lpo_loss, ppo_clip_loss, unit_mean_log_ratio
 
 F64 = torch.float64
@@ -111,6 +112,48 @@ def test_unit_mean_log_ratio_non_contiguous_ids():
     m_BT = torch.tensor([[True, True, True, True, False]])
     out_BT = unit_mean_log_ratio(x_BT, m_BT, torch.tensor([[0, 2, 0, 2, 7]]))
     torch.testing.assert_close(out_BT, torch.tensor([[2.0, 3, 2, 3, 0]]))
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_ppo_huge_log_ratio_on_negative_advantage_is_finite(dual_clip):
+    # float32, as the trainer computes: exp(99.5) = 1.6e43 overflows (float32 max 3.4e38), so without the
+    # clamp the loss is inf (no dual clip) and the gradient NaN either way (exp's backward is 0 * inf even
+    # where dual-clip selects the constant branch). Clamped to 20: ratio e^20, loss -A e^20 or -A c = 3,
+    # and no gradient through that token. The second token (log-ratio 0.1, A = +1, unclipped) is untouched:
+    # loss -e^0.1, gradient -e^0.1.
+    logp_BT = torch.tensor([[99.5, 0.1]], requires_grad=True)
+    old_BT = torch.zeros(1, 2)
+    adv_BT = torch.tensor([[-1.0, 1.0]])
+    out = ppo_clip_loss(logp_BT, old_BT, adv_BT, torch.ones(1, 2), dual_clip=dual_clip)
+    first = torch.tensor(math.exp(20.0)) if dual_clip is None else torch.tensor(3.0)
+    torch.testing.assert_close(out.loss_BT, torch.stack([first, -torch.tensor(0.1).exp()])[None])
+    aggregate_loss(out.loss_BT, torch.ones(1, 2), "token-mean", 2).backward()
+    assert torch.isfinite(logp_BT.grad).all(), logp_BT.grad
+    torch.testing.assert_close(logp_BT.grad, torch.tensor([[0.0, -math.exp(0.1) / 2]]))
+    assert out.clipped_dual_BT.tolist() == [[dual_clip is not None, False]]
+
+
+def test_clamp_leaves_log_ratios_within_20_exact():
+    # Just inside the bound the ratio and its gradient are the unclamped ones (float64: exp(19.9) is exact).
+    logp_BT, old_BT = _logp([[19.9, -19.9]])
+    out = ppo_clip_loss(logp_BT, old_BT, torch.tensor([[-1.0, 1.0]], dtype=F64), torch.ones(1, 2))
+    out.loss_BT.sum().backward()
+    expected = torch.tensor([[math.exp(19.9), -math.exp(-19.9)]], dtype=F64)
+    torch.testing.assert_close(out.loss_BT, expected)
+    torch.testing.assert_close(logp_BT.grad, expected)
+
+
+@pytest.mark.parametrize("loss_fn", [gspo_loss, lpo_loss])
+def test_unit_ratio_huge_log_ratio_is_finite(loss_fn):
+    # One unit (the whole row) with mean log-ratio (199 + 0) / 2 = 99.5, A = -1, float32: the unit ratio
+    # e^99.5 overflows without the clamp. Clamped: ratio e^20 on both tokens, no gradient.
+    logp_BT = torch.tensor([[199.0, 0.0]], requires_grad=True)
+    args = (logp_BT, torch.zeros(1, 2), torch.full((1, 2), -1.0), torch.ones(1, 2))
+    extra = (torch.zeros(1, 2, dtype=torch.long),) if loss_fn is lpo_loss else ()
+    out = loss_fn(*args, *extra)
+    torch.testing.assert_close(out.loss_BT, torch.full((1, 2), math.exp(20.0)))
+    out.loss_BT.sum().backward()
+    torch.testing.assert_close(logp_BT.grad, torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize("loss_fn", [ppo_clip_loss, gspo_loss, lpo_loss])

@@ -62,6 +62,15 @@ def test_mismatch_kl_and_max_abs_dlogp():
     torch.testing.assert_close(out["max_abs_dlogp"], torch.tensor(LN2, dtype=torch.float64))
 
 
+def test_mismatch_kl_is_finite_for_a_wild_token():
+    # float32: train - rollout = 99, exp(99) overflows; the k3 term is bounded at a log-ratio of 20 (one token
+    # of two: mean (e^20 - 21) / 2), so the metric stays a number and masked_mean does not raise.
+    train_BT, rollout_BT = torch.tensor([[-0.5, -1.0]]), torch.tensor([[-99.5, -1.0]])
+    out = mismatch_metrics(train_BT, rollout_BT, torch.ones(1, 2))
+    torch.testing.assert_close(out["mismatch_kl"], torch.tensor((math.expm1(20.0) - 20.0) / 2))
+    torch.testing.assert_close(out["max_abs_dlogp"], torch.tensor(99.0))
+
+
 def test_entropy_and_icepop_fraction():
     # Entropy mean of (1, 3) with a padded 100: 2.
     torch.testing.assert_close(

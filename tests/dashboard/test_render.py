@@ -23,16 +23,32 @@ def test_page_is_self_contained_and_has_every_chart(synthetic_run):
     assert "Plotly" in html and "plotly.js" in html
     figs = _figures(html)
     assert set(figs) == {c.id for c in M.CHARTS}
+    run = render.load_run(synthetic_run)
     for chart in M.CHARTS:
         fig = figs[chart.id]
         assert fig["data"], chart.id
-        assert "annotations" not in fig["layout"]
-        for trace, series in zip(fig["data"], chart.series):
+        assert "annotations" not in fig["layout"] and fig["note"] == ""
+        assert "title" not in fig["layout"], "titles are HTML above the plot, where nothing draws over them"
+        # Every series the run logs is drawn (kl_ref: the loss-mode KL only; per_term: one per reward term).
+        logged = [s for s in render.chart_series(chart, run) if any(s.key in r for r in run.metrics)]
+        assert [t["name"] for t in fig["data"]] == [s.label for s in logged]
+        for trace, series in zip(fig["data"], logged):
             every_step = series.key not in (M.ACCURACY_EVAL, M.REWARD_EVAL_MEAN)
             assert trace["x"] == (list(range(20)) if every_step else [0, 5, 10, 15])
-            assert all(isinstance(y, float) for y in trace["y"])
+            assert all(isinstance(y, int | float) for y in trace["y"])
+        assert f'<h3 class="chart-title">{chart.title}</h3>' in html
     assert figs["step_time"]["layout"]["barmode"] == "stack"
     assert [t["type"] for t in figs["step_time"]["data"]] == ["bar"] * 5
+    assert [t["name"] for t in figs["reward_terms"]["data"]] == ["math", "format"]
+    assert [t["name"] for t in figs["clip_frac"]["data"]] == [
+        "any",
+        "low (A < 0)",
+        "high (A > 0)",
+        "dual (A < 0)",
+    ]
+    for chart_id, key in (("loss", M.TRAIN_LOSS), ("grad_norm", M.TRAIN_GRAD_NORM), ("lr", M.TRAIN_LR)):
+        assert figs[chart_id]["data"][0]["y"] == [r[key] for r in run.metrics]
+    assert "displayModeBar: false" in html
 
 
 def test_rollout_table_is_escaped_newest_first(synthetic_run):
@@ -55,6 +71,101 @@ def test_missing_metrics_give_empty_charts(tmp_path):
     assert figs["entropy"]["data"] == []
     assert figs["entropy"]["layout"]["annotations"][0]["text"] == "no data yet"
     assert "no rollouts yet" in render_html(run)
+
+
+def _annotation(fig) -> str:
+    return fig["layout"]["annotations"][0]["text"]
+
+
+def test_features_off_in_the_config_say_so(sync_run):
+    html = render_html(sync_run)
+    figs = _figures(html)
+    assert _annotation(figs["kl_ref"]) == "off in this run<br>no reference policy<br>(algo.kl.mode: none)"
+    assert (
+        _annotation(figs["stream"])
+        == "off in this run<br>no experience stream in sync mode<br>(run.mode: sync)"
+    )
+    assert (
+        _annotation(figs["icepop"])
+        == "off in this run<br>IcePop is not the correction<br>(algo.correction.method: none)"
+    )
+    assert figs["accuracy"]["note"] == "held-out eval: off in this run (run.eval_every: 0)"
+    assert figs["reward"]["note"] == "eval: off in this run (run.eval_every: 0)"
+    assert [t["name"] for t in figs["accuracy"]["data"]] == ["train"]
+    # Not a switch: the run has RL steps but logs no per-term means (older runs, or not added yet).
+    assert _annotation(figs["reward_terms"]) == "not recorded by this run"
+    assert not any("no data yet" in json.dumps(f) for f in figs.values())
+    for chart_id in ("loss", "grad_norm", "lr", "clip_frac", "reward_errors"):
+        assert figs[chart_id]["data"] and "annotations" not in figs[chart_id]["layout"], chart_id
+    summary = html[html.index('<div id="summary">') : html.index('<div id="notes">')]
+    assert "off in this run (algo.kl.mode: none)" in summary
+    assert "off in this run (run.eval_every: 0)" in summary
+
+
+def test_reward_terms_come_from_config_and_metrics(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / M.CONFIG_FILE).write_text(
+        "rewards:\n  terms:\n    - {name: math}\n    - {name: think_format, label: format}\n"
+        "    - {name: length}\n"
+    )
+    record = {"step": 1, "reward/math_mean": 0.5, "reward/length_mean": 0.1, "reward/judge_mean": 0.7}
+    record |= {M.REWARD_EVAL_MEAN: 0.4, "reward/math/score_mean": 0.5, M.REWARD_ERRORS: 3}
+    (run / M.METRICS_FILE).write_text(json.dumps(record) + "\n")
+    figs = _figures(render_html(run))
+    # Config order, then logged terms; format has no data; reward/eval_mean is the eval reward, not a term.
+    assert render.reward_terms(render.load_run(run)) == ["math", "format", "length", "judge"]
+    assert [t["name"] for t in figs["reward_terms"]["data"]] == ["math", "length", "judge"]
+    assert figs["reward_errors"]["data"][0]["y"] == [3.0]
+
+
+def test_not_recorded_differs_from_no_data_yet(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / M.METRICS_FILE).write_text(json.dumps({"step": 0, M.ACCURACY_EVAL: 0.25}) + "\n")
+    assert _annotation(_figures(render_html(run))["loss"]) == "no data yet"  # only the starting policy
+    with (run / M.METRICS_FILE).open("a") as f:
+        f.write(json.dumps({"step": 1, M.REWARD_MEAN: 0.3}) + "\n")
+    assert _annotation(_figures(render_html(run))["loss"]) == "not recorded by this run"
+
+
+def test_bad_config_is_noted_and_decides_nothing(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / M.CONFIG_FILE).write_text("algo: {kl: [unclosed\n")
+    (run / M.METRICS_FILE).write_text(json.dumps({"step": 1, M.REWARD_MEAN: 0.3}) + "\n")
+    html = render_html(run)
+    assert "config.yaml: not valid YAML" in html
+    assert _annotation(_figures(html)["kl_ref"]) == "not recorded by this run"
+
+
+def test_hidden_text_is_made_visible(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tokenizer").mkdir()
+    added = [{"id": 0, "content": "[END]", "special": True}, {"id": 1, "content": "plain", "special": False}]
+    (run / M.TOKENIZER_FILE).write_text(json.dumps({"added_tokens": added}))
+    responses = ["", "<eos>", "  \n", "7\x00\u200b", "<answer>7</answer>[END]<|im_end|>", "plain"]
+    (run / M.ROLLOUTS_FILE).write_text(
+        "".join(json.dumps({"step": 1, "prompt": "p", "response": r, "reward": 0}) + "\n" for r in responses)
+    )
+    table = render_html(run)
+    table = table[table.index('<div id="rollouts">') :]
+    cells = re.findall(r"<td><pre>(.*?)</pre></td>", table, re.S)[1::2]  # response cells, newest first
+    cells.reverse()
+    assert re.fullmatch(r'<span class="empty" title="empty response[^"]*">∅</span>', cells[0])
+    assert cells[1] == '<span class="special" title="special token">&lt;eos&gt;</span>'
+    assert cells[2] == '<span class="ws" title="whitespace-only text">␣␣↵\n</span>'
+    assert cells[3] == (
+        '7<span class="ctl" title="invisible character U+0000">\\x00</span>'
+        '<span class="ctl" title="invisible character U+200B">\\u200b</span>'
+    )
+    assert cells[4] == (
+        "&lt;answer&gt;7&lt;/answer&gt;"  # an ordinary tag stays plain text
+        '<span class="special" title="special token">[END]</span>'  # the run's tokenizer's special token
+        '<span class="special" title="special token">&lt;|im_end|&gt;</span>'
+    )
+    assert cells[5] == "plain"  # an added token that is not special
 
 
 def test_fresh_run_with_empty_files_renders(tmp_path):

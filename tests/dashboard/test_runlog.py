@@ -79,6 +79,15 @@ def test_mismatch_summary_edge_cases():
         mismatch_summary([0.0], [])
 
 
+def test_mismatch_summary_survives_a_huge_log_ratio():
+    # train - rollout = 799.5: math.expm1 raises OverflowError past 709; the k3 term is bounded at 20, as the
+    # trainer's mismatch/kl is, and the record stays strict JSON.
+    summary = mismatch_summary([-0.5, -1.0], [-800.0, -1.0])
+    assert summary["max_abs_dlogp"] == 799.5
+    assert summary["kl"] == pytest.approx((math.expm1(20.0) - 20.0) / 2)
+    json.dumps(summary, allow_nan=False)
+
+
 def test_resume_after_crash_mid_line(tmp_path):
     with RunLog(tmp_path, wandb={"mode": "disabled"}) as log:
         log.log_metrics(0, {M.KL_REF: 0.1})

@@ -2,13 +2,15 @@
 
 import argparse
 import json
+import math
 
 import pytest
+import torch
 
 import kernels
 from rlplat.config import ModelSection
 from rlplat.engine import AlignmentConfig, NativeEngine, SamplingParams, build_policy
-from rlplat.engine.alignment import alignment_requests, check_alignment
+from rlplat.engine.alignment import alignment_requests, check_alignment, compare
 from rlplat.engine.cli import register
 
 # 4 prompts x 2 samples = 8 sequences through 3 rows; budgets of 2..6 tokens make them leave at different
@@ -49,6 +51,15 @@ def test_plain_kernels_are_not_exact():
         report = run_check("fp32", SamplingParams())
     assert not report["exact"]
     assert 0 < report["max_abs_logprob_diff"] < 1e-3 and report["mismatch_kl"] < 1e-8
+
+
+def test_compare_stays_finite_for_a_wild_token():
+    # trainer - rollout = 799.5: exp overflows float64 (709.8); the k3 term is bounded at a log-ratio of 20,
+    # so the report is strict JSON.
+    report = compare([torch.tensor([-800.0, -1.0])], [torch.tensor([-0.5, -1.0])])
+    assert report["max_abs_logprob_diff"] == 799.5 and not report["exact"]
+    assert report["mismatch_kl"] == pytest.approx((math.expm1(20.0) - 20.0) / 2)
+    json.dumps(report, allow_nan=False)
 
 
 def test_cli_prints_the_report(capsys, tmp_path):
