@@ -1,4 +1,6 @@
-"""``rlplat reward CASES.jsonl --reward NAME [--args key=value ...]``: score a JSONL file, print per-case results.
+"""``rlplat reward CASES.jsonl --reward NAME [--plugin FILE_OR_MODULE] [--args key=value ...]``: score a JSONL
+file, print per-case results. NAME is what a config's ``rewards.terms[].name`` takes (a registry name,
+``package.module:function`` or ``path/to/file.py:function``); ``--plugin`` is ``rewards.plugins``.
 
 Each line is a case: ``{"prompt", "response", "label", "metadata", "response_tokens", "id"}`` (other keys go to
 metadata). Malformed lines, non-UTF-8 bytes and bad fields become error rows; they never stop the run.
@@ -65,9 +67,13 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             fallback_score=args.fallback,
         )
-        runner = RewardRunner(RewardsConfig(terms=[spec], max_concurrency=args.concurrency))
+        runner = RewardRunner(
+            RewardsConfig(terms=[spec], max_concurrency=args.concurrency, plugins=args.plugin or [])
+        )
     except (ValueError, TypeError, ImportError) as e:
         console.print(f"[red]cannot set up reward {args.reward!r}: {e}[/red]")
+        if "rewards.plugins" in str(e):
+            console.print("rlplat reward takes rewards.plugins as --plugin FILE_OR_MODULE")
         return 2
     rows = load_cases(path)
     if args.limit:
@@ -136,7 +142,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--reward",
         required=True,
-        help="registry name (e.g. math, code, think_format) or package.module:function",
+        help="registry name (e.g. math, code, think_format, or one a --plugin registers), "
+        "package.module:function, or path/to/file.py:function",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="FILE_OR_MODULE",
+        help="import this .py file or module first, so its @reward names work with --reward (repeatable)",
     )
     p.add_argument(
         "--args", nargs="*", metavar="KEY=VALUE", help="reward arguments; values parsed as JSON when possible"

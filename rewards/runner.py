@@ -23,7 +23,7 @@ from typing import Any
 
 from rewards.api import RewardResult, Sample
 from rewards.config import RewardsConfig, RewardSpec
-from rewards.registry import RewardDef, resolve
+from rewards.registry import RewardDef, import_plugin, resolve
 
 
 @dataclass
@@ -92,6 +92,8 @@ class RewardRunner:
         elif not isinstance(config, RewardsConfig):
             raise TypeError(f"config must be a RewardsConfig or dict, got {type(config).__name__}")
         self.config = config
+        for plugin in config.plugins:
+            import_plugin(plugin)
         self._defs: list[tuple[RewardSpec, RewardDef, Any]] = []
         for spec in config.terms:
             d = resolve(spec.name, group=spec.group)
