@@ -38,6 +38,29 @@ class ScoredSample:
         return {k: r.error for k, r in self.components.items() if r.error}
 
 
+def _resolve_terms(config: RewardsConfig) -> list[RewardDef]:
+    for plugin in config.plugins:
+        import_plugin(plugin)
+    defs = []
+    for i, spec in enumerate(config.terms):
+        try:
+            defs.append(resolve(spec.name, group=spec.group))
+        except (ValueError, TypeError) as e:
+            # rebuilt as the plain type: a subclass (JSONDecodeError, ...) may not take a message alone
+            kind = TypeError if isinstance(e, TypeError) else ValueError
+            raise kind(f"rewards.terms.{i} ({spec.name!r}): {e}") from e
+    return defs
+
+
+def check_rewards(config: RewardsConfig) -> None:
+    """Import ``config.plugins`` and look up every term, without building or calling a reward: the driver's
+    fail-fast check before any worker starts (each worker's ``RewardRunner`` then does the same for itself).
+    Raises ValueError/TypeError naming the term."""
+    if not isinstance(config, RewardsConfig):
+        raise TypeError(f"check_rewards takes a RewardsConfig (cfg.rewards), got {type(config).__name__}")
+    _resolve_terms(config)
+
+
 @dataclass
 class _Stats:
     calls: int = 0
@@ -92,11 +115,8 @@ class RewardRunner:
         elif not isinstance(config, RewardsConfig):
             raise TypeError(f"config must be a RewardsConfig or dict, got {type(config).__name__}")
         self.config = config
-        for plugin in config.plugins:
-            import_plugin(plugin)
         self._defs: list[tuple[RewardSpec, RewardDef, Any]] = []
-        for spec in config.terms:
-            d = resolve(spec.name, group=spec.group)
+        for spec, d in zip(config.terms, _resolve_terms(config), strict=True):
             # A class reward is built once with its args; a function gets its args on every call.
             instance = d.fn(**spec.args) if d.is_class else None
             self._defs.append((spec, d, instance))

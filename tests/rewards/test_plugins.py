@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from rewards import RewardRunner, Sample, import_plugin, registry
+from rewards import RewardRunner, RewardsConfig, Sample, check_rewards, import_plugin, registry
 from rewards.registry import resolve
 
 PLUGIN = textwrap.dedent(
@@ -169,3 +169,12 @@ def test_reward_worker_imports_plugins_itself(plugin_file, tmp_path, monkeypatch
         pool.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_check_rewards_is_the_drivers_preflight(plugin_file):
+    """What `rlplat run` checks before starting workers: plugins import, every term resolves, nothing runs."""
+    check_rewards(RewardsConfig(plugins=[str(plugin_file)], terms=[{"name": "exact_match"}]))
+    with pytest.raises(ValueError, match=r"rewards\.terms\.1 \('nope'\): unknown reward 'nope'"):
+        check_rewards(RewardsConfig(terms=[{"name": "math"}, {"name": "nope"}]))
+    with pytest.raises(TypeError, match="RewardsConfig"):
+        check_rewards({"terms": []})  # type: ignore[arg-type]
