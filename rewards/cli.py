@@ -17,7 +17,7 @@ from typing import Any
 
 from rewards.api import RewardResult, Sample
 from rewards.config import RewardsConfig, RewardSpec
-from rewards.runner import RewardRunner
+from rewards.runner import RewardRunner, term_passes
 
 
 def parse_kv(items: list[str]) -> dict[str, Any]:
@@ -54,6 +54,7 @@ def load_cases(path: Path) -> list[tuple[int, Sample | None, str | None, str]]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     path = Path(args.cases)
@@ -98,12 +99,17 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     n = len(results)
     mean = sum(r.score for r in results) / n if n else 0.0
-    errors = sum(r.error is not None for r in results)
+    failed = [r for r in results if r.error is not None]
     verdicts = Counter(r.verdict or "-" for r in results)
+    correct = [term_passes(r, spec.correct_threshold) for r in results if spec.correct_threshold is not None]
+    accuracy = f"  accuracy {sum(correct) / len(correct):.4f}" if correct else ""
     console.print(
-        f"[bold]{n} cases[/bold]  mean score {mean:.4f}  errors {errors}  "
+        f"[bold]{n} cases[/bold]  mean score {mean:.4f}{accuracy}  errors {len(failed)}  "
         f"verdicts {dict(verdicts.most_common())}  metrics {_short(runner.metrics())}"
     )
+    if failed:
+        # Text, not markup: an error message may contain [brackets].
+        console.print(Text.assemble(("first error: ", "red"), failed[0].error or ""))
     if args.json_out:
         with open(args.json_out, "w") as f:
             for (line, _, _, cid), r in zip(rows, results):

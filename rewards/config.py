@@ -32,6 +32,13 @@ class RewardSpec(BaseModel):
     label: str | None = Field(
         None, description="Metrics key for this term; defaults to the name (for a path, the function's name)."
     )
+    correct_threshold: float | None = Field(
+        1.0,
+        description=(
+            "Accuracy: this term passes when its verdict is 'correct', or (no 'correct'/'wrong' verdict) when "
+            "its score is >= this; an error fails it. null: the term does not count toward accuracy."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
