@@ -1,4 +1,6 @@
-"""``rlplat reward CASES.jsonl --reward NAME [--args key=value ...]``: score a JSONL file, print per-case results.
+"""``rlplat reward CASES.jsonl --reward NAME [--plugin FILE_OR_MODULE] [--args key=value ...]``: score a JSONL
+file, print per-case results. NAME is what a config's ``rewards.terms[].name`` takes (a registry name,
+``package.module:function`` or ``path/to/file.py:function``); ``--plugin`` is ``rewards.plugins``.
 
 Each line is a case: ``{"prompt", "response", "label", "metadata", "response_tokens", "id"}`` (other keys go to
 metadata). Malformed lines, non-UTF-8 bytes and bad fields become error rows; they never stop the run.
@@ -15,7 +17,7 @@ from typing import Any
 
 from rewards.api import RewardResult, Sample
 from rewards.config import RewardsConfig, RewardSpec
-from rewards.runner import RewardRunner
+from rewards.runner import RewardRunner, term_passes
 
 
 def parse_kv(items: list[str]) -> dict[str, Any]:
@@ -52,6 +54,7 @@ def load_cases(path: Path) -> list[tuple[int, Sample | None, str | None, str]]:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     path = Path(args.cases)
@@ -65,9 +68,13 @@ def run(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             fallback_score=args.fallback,
         )
-        runner = RewardRunner(RewardsConfig(terms=[spec], max_concurrency=args.concurrency))
+        runner = RewardRunner(
+            RewardsConfig(terms=[spec], max_concurrency=args.concurrency, plugins=args.plugin or [])
+        )
     except (ValueError, TypeError, ImportError) as e:
         console.print(f"[red]cannot set up reward {args.reward!r}: {e}[/red]")
+        if "rewards.plugins" in str(e):
+            console.print("rlplat reward takes rewards.plugins as --plugin FILE_OR_MODULE")
         return 2
     rows = load_cases(path)
     if args.limit:
@@ -92,12 +99,17 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
     n = len(results)
     mean = sum(r.score for r in results) / n if n else 0.0
-    errors = sum(r.error is not None for r in results)
+    failed = [r for r in results if r.error is not None]
     verdicts = Counter(r.verdict or "-" for r in results)
+    correct = [term_passes(r, spec.correct_threshold) for r in results if spec.correct_threshold is not None]
+    accuracy = f"  accuracy {sum(correct) / len(correct):.4f}" if correct else ""
     console.print(
-        f"[bold]{n} cases[/bold]  mean score {mean:.4f}  errors {errors}  "
+        f"[bold]{n} cases[/bold]  mean score {mean:.4f}{accuracy}  errors {len(failed)}  "
         f"verdicts {dict(verdicts.most_common())}  metrics {_short(runner.metrics())}"
     )
+    if failed:
+        # Text, not markup: an error message may contain [brackets].
+        console.print(Text.assemble(("first error: ", "red"), failed[0].error or ""))
     if args.json_out:
         with open(args.json_out, "w") as f:
             for (line, _, _, cid), r in zip(rows, results):
@@ -136,7 +148,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--reward",
         required=True,
-        help="registry name (e.g. math, code, think_format) or package.module:function",
+        help="registry name (e.g. math, code, think_format, or one a --plugin registers), "
+        "package.module:function, or path/to/file.py:function",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="FILE_OR_MODULE",
+        help="import this .py file or module first, so its @reward names work with --reward (repeatable)",
     )
     p.add_argument(
         "--args", nargs="*", metavar="KEY=VALUE", help="reward arguments; values parsed as JSON when possible"

@@ -13,7 +13,11 @@ class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        "math", description="Registry name (e.g. 'math'), or 'package.module:function' for a user plugin."
+        "math",
+        description=(
+            "Registry name ('math', or a name a plugin registers with @reward), or for a user plugin "
+            "'package.module:function' or 'path/to/file.py:function'."
+        ),
     )
     weight: float = Field(1.0, description="Weight of this term in the combined score.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the reward.")
@@ -25,7 +29,16 @@ class RewardSpec(BaseModel):
         None,
         description="Force per-group (true) or per-sample (false) calling; null = as the reward declares.",
     )
-    label: str | None = Field(None, description="Metrics key for this term; defaults to the name.")
+    label: str | None = Field(
+        None, description="Metrics key for this term; defaults to the name (for a path, the function's name)."
+    )
+    correct_threshold: float | None = Field(
+        1.0,
+        description=(
+            "Accuracy: this term passes when its verdict is 'correct', or (no 'correct'/'wrong' verdict) when "
+            "its score is >= this; an error fails it. null: the term does not count toward accuracy."
+        ),
+    )
 
     @field_validator("name")
     @classmethod
@@ -38,7 +51,8 @@ class RewardSpec(BaseModel):
 
     @property
     def key(self) -> str:
-        return self.label or self.name
+        # A path's function name keeps metric names readable ('reward/my_score_mean', not the file path).
+        return self.label or self.name.rpartition(":")[2]
 
 
 class RewardsConfig(BaseModel):
@@ -57,6 +71,13 @@ class RewardsConfig(BaseModel):
         1_000_000, ge=1, description="Longer responses are not scored; each such sample records an error."
     )
     normalize_weights: bool = Field(False, description="Divide the weighted sum by the sum of |weights|.")
+    plugins: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Modules ('my_pkg.rewards') or .py files ('path/to/my_rewards.py') imported before the terms are "
+            "looked up, so the names their @reward decorators register can be used as terms[].name."
+        ),
+    )
 
     @field_validator("terms")
     @classmethod

@@ -8,12 +8,21 @@ Two backends:
 
 Judges are looked up by name in a process-level table (``register_judge``) so a YAML config can say
 ``judge: policy`` while the trainer registers ``EngineJudge(engine)`` under that name at start-up.
+
+Concurrency: the reward runner calls one GAR instance, and so one judge, from up to
+``rewards.max_concurrency`` threads at once (one per prompt group). ``OpenAIJudge`` is stateless per call.
+An engine is not: ``NativeEngine`` is a serving loop whose ``step()`` advances every admitted request and
+whose error path drops all of them, so two callers would step each other's sequences, mutate its batch and
+cache mid-step (IndexError/KeyError), and lose each other's requests. ``EngineJudge`` therefore lets one
+call at a time into its engine. That costs nothing on CPU, where one forward already uses every intra-op
+thread, and little elsewhere: one group's n(n-1) contests are already one batch.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +38,8 @@ class Judge(Protocol):
 
 @runtime_checkable
 class TextGenerator(Protocol):
-    """The minimal rollout-engine surface a judge needs."""
+    """The minimal rollout-engine surface a judge needs. ``EngineJudge`` calls it from one thread at a time,
+    so an implementation need not be thread-safe."""
 
     def generate_text(self, prompts: list[str], max_new_tokens: int) -> list[str]: ...
 
@@ -45,9 +55,11 @@ class EngineJudge:
             )
         self.engine = engine
         self.max_new_tokens = max_new_tokens
+        self._lock = threading.Lock()  # engines are not re-entrant: see the module docstring
 
     def judge(self, prompts: list[str]) -> list[str]:
-        out = self.engine.generate_text(list(prompts), self.max_new_tokens)
+        with self._lock:
+            out = self.engine.generate_text(list(prompts), self.max_new_tokens)
         if len(out) != len(prompts):
             raise RuntimeError(f"engine returned {len(out)} completions for {len(prompts)} prompts")
         return [str(o) for o in out]
@@ -57,7 +69,8 @@ class NativeGenerator:
     """A small rlplat model as judge, greedy: a checkpoint directory (``path``) or a preset with a seed.
 
     Presets have no tokenizer, so they get rlplat's character tokenizer; this is what the tiny GAR config and
-    its end-to-end test use. Production judges are served models (``backend: openai``).
+    its end-to-end test use. Production judges are served models (``backend: openai``). Not thread-safe, like
+    the engine it drives; use it through ``EngineJudge``.
     """
 
     def __init__(

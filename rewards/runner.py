@@ -8,12 +8,22 @@ themselves — the code sandbox kills its process tree, the math verifier runs u
 
 Group rewards receive all samples of one group; a group is ``metadata["group_id"]`` when present, else the
 prompt text.
+
+Nothing a reward does stops the run, so nothing may hide either: every failure is a ``RewardResult`` with
+``error`` set (``ScoredSample.errors``), a batch with failures logs one warning with the first error's text,
+and ``rewards.summary.reward_metrics`` turns a step's scored samples into per-term means and error counts.
+
+Accuracy (``ScoredSample.correct``, see ``term_passes``): a sample is correct when it passes every term
+whose ``correct_threshold`` is not null. A term passes when it has no error and its verdict is "correct",
+or, when its verdict is neither "correct" nor "wrong" (plain-float rewards have none), when its score is
+at least ``correct_threshold`` (default 1.0, the top score of the built-in verifiers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -23,19 +33,73 @@ from typing import Any
 
 from rewards.api import RewardResult, Sample
 from rewards.config import RewardsConfig, RewardSpec
-from rewards.registry import RewardDef, resolve
+from rewards.registry import RewardDef, import_plugin, resolve
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ScoredSample:
-    """The combined score of one sample and every component that went into it."""
+    """The combined score of one sample and every component that went into it.
+
+    ``components`` maps each term's key to its result, in config order. ``correct`` is the accuracy verdict
+    (module docstring); None when no term counts toward accuracy.
+    """
 
     score: float
     components: dict[str, RewardResult] = field(default_factory=dict)
+    correct: bool | None = None
 
     @property
     def errors(self) -> dict[str, str]:
         return {k: r.error for k, r in self.components.items() if r.error}
+
+    @property
+    def first_error(self) -> str | None:
+        """``"<term>: <error>"`` for the first failed term, or None."""
+        return next((f"{k}: {e}" for k, e in self.errors.items()), None)
+
+
+def term_passes(result: RewardResult, threshold: float) -> bool:
+    """Whether one term's result counts as correct (the accuracy rule in the module docstring)."""
+    if result.error is not None:
+        return False
+    # An explicit verdict beats the score: evo_cot_length says "correct" with a length score of at most 0.5,
+    # and math's scores are whatever its `correct=` and `wrong=` args say.
+    if result.verdict in ("correct", "wrong"):
+        return result.verdict == "correct"
+    return result.score >= threshold
+
+
+def is_correct(components: dict[str, RewardResult], specs: Sequence[RewardSpec]) -> bool | None:
+    """A sample's accuracy verdict from its term results; None when no spec counts toward accuracy."""
+    counted = [(s.key, s.correct_threshold) for s in specs if s.correct_threshold is not None]
+    if not counted:
+        return None
+    return all(term_passes(components[key], threshold) for key, threshold in counted)
+
+
+def _resolve_terms(config: RewardsConfig) -> list[RewardDef]:
+    for plugin in config.plugins:
+        import_plugin(plugin)
+    defs = []
+    for i, spec in enumerate(config.terms):
+        try:
+            defs.append(resolve(spec.name, group=spec.group))
+        except (ValueError, TypeError) as e:
+            # rebuilt as the plain type: a subclass (JSONDecodeError, ...) may not take a message alone
+            kind = TypeError if isinstance(e, TypeError) else ValueError
+            raise kind(f"rewards.terms.{i} ({spec.name!r}): {e}") from e
+    return defs
+
+
+def check_rewards(config: RewardsConfig) -> None:
+    """Import ``config.plugins`` and look up every term, without building or calling a reward: the driver's
+    fail-fast check before any worker starts (each worker's ``RewardRunner`` then does the same for itself).
+    Raises ValueError/TypeError naming the term."""
+    if not isinstance(config, RewardsConfig):
+        raise TypeError(f"check_rewards takes a RewardsConfig (cfg.rewards), got {type(config).__name__}")
+    _resolve_terms(config)
 
 
 @dataclass
@@ -93,8 +157,7 @@ class RewardRunner:
             raise TypeError(f"config must be a RewardsConfig or dict, got {type(config).__name__}")
         self.config = config
         self._defs: list[tuple[RewardSpec, RewardDef, Any]] = []
-        for spec in config.terms:
-            d = resolve(spec.name, group=spec.group)
+        for spec, d in zip(config.terms, _resolve_terms(config), strict=True):
             # A class reward is built once with its args; a function gets its args on every call.
             instance = d.fn(**spec.args) if d.is_class else None
             self._defs.append((spec, d, instance))
@@ -141,13 +204,24 @@ class RewardRunner:
                     jobs.append(self._run_one(spec, d, inst, samples[i], i, out, sem))
         await asyncio.gather(*jobs)
         results = []
-        wsum = sum(abs(spec.weight) for spec, _, _ in self._defs) or 1.0
+        specs = [spec for spec, _, _ in self._defs]
+        wsum = sum(abs(spec.weight) for spec in specs) or 1.0
         for i in range(len(samples)):
-            comps = {spec.key: per_key[spec.key][i] for spec, _, _ in self._defs}
-            total = sum(spec.weight * comps[spec.key].score for spec, _, _ in self._defs)
+            comps = {spec.key: per_key[spec.key][i] for spec in specs}
+            total = sum(spec.weight * comps[spec.key].score for spec in specs)
             if self.config.normalize_weights:
                 total /= wsum
-            results.append(ScoredSample(score=total, components=comps))
+            results.append(ScoredSample(score=total, components=comps, correct=is_correct(comps, specs)))
+        failed = [r for r in results if r.errors]
+        if failed:
+            # The one place the error text reaches a console before anyone reads metrics: a run whose every
+            # reward fails must not look like a run whose policy is merely bad.
+            log.warning(
+                "reward errors in %d of %d samples; first: %s",
+                len(failed),
+                len(results),
+                failed[0].first_error,
+            )
         return results
 
     async def _call(self, spec: RewardSpec, d: RewardDef, inst: Any, arg: Any, sem: asyncio.Semaphore) -> Any:

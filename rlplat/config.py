@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -217,8 +217,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ValueError(f"override {item!r} is not of the form key.path=value")
     try:
         base = OmegaConf.create({}) if path is None else OmegaConf.load(_existing(path))
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(merged, resolve=True)
+        for item in overrides:
+            _check_list_indices(base, item.partition("=")[0])
+        # Applied to the loaded file, not merged from a separate tree: only here can `terms.0.name` find
+        # that `terms` is a list (a tree built from the overrides alone would make '0' a dict key).
+        base.merge_with_dotlist(list(overrides))
+        data = OmegaConf.to_container(base, resolve=True)
     except OmegaConfBaseException as err:
         raise ValueError(f"could not read config {path}: {err}") from err
     if not isinstance(data, dict):
@@ -227,6 +231,41 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ValueError(format_validation_error(err)) from None
+
+
+def _check_list_indices(base: Any, key: str) -> None:
+    """Refuse an override that indexes a list wrongly, saying what works (``a.0.b=x`` or ``a[0].b=x`` change
+    entry 0 of the file's list ``a``; a list gets a new entry only by setting the whole list)."""
+    parts = [p for p in key.replace("[", ".").replace("]", "").split(".") if p]
+    node: Any = base
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth])
+        whole = f"{here}='[{{...}}, {{...}}]'"
+        if isinstance(node, ListConfig):
+            if not part.isdigit():
+                raise ValueError(
+                    f"override {key!r}: {here} is a list; index it, e.g. {here}.0.{part}=..., or set the "
+                    f"whole list, e.g. {whole}"
+                )
+            if int(part) >= len(node):
+                size = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+                raise ValueError(
+                    f"override {key!r}: {here} has {size}, so no entry {part}; to add one, set the whole "
+                    f"list, e.g. {whole}"
+                )
+            node = node[int(part)]
+        elif isinstance(node, DictConfig) and part in node:
+            node = node[part]
+        else:
+            # Below here the file has nothing, so an index would make a dict key "0", not a list entry.
+            index = next((j for j in range(depth + 1, len(parts)) if parts[j].isdigit()), None)
+            if index is not None:
+                path = ".".join(parts[:index])
+                raise ValueError(
+                    f"override {key!r}: {path} is not a list in the config file, so it has no entry "
+                    f"{parts[index]} to change; set the whole list, e.g. {path}='[{{...}}]'"
+                )
+            return
 
 
 def _existing(path: str | Path) -> Path:

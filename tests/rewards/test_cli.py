@@ -43,3 +43,42 @@ def test_cli_usage_errors(tmp_path, capsys):
         "c": {"k": [1]},
         "d": True,
     }
+
+
+def test_cli_takes_plugin_files_and_shows_the_first_error(tmp_path, capsys, monkeypatch):
+    """The README's plugin walk-through: a file with an @reward, scored by name (--plugin) and by path."""
+    from rewards import registry
+
+    registry.registered()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_FILE_MODULES", {})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(
+        "from rewards import reward\n\n\n"
+        '@reward("exact_match")\n'
+        "def exact_match(sample, ignore_case: bool = False):\n"
+        "    if sample.label is None:\n"
+        "        raise ValueError('[case] has no label')\n"
+        "    got, want = sample.response.strip(), str(sample.label)\n"
+        "    return float(got.lower() == want.lower() if ignore_case else got == want)\n"
+    )
+    cases = tmp_path / "cases.jsonl"
+    cases.write_text(
+        "\n".join(
+            json.dumps(c)
+            for c in (
+                {"response": "Paris", "label": "paris"},
+                {"response": "Rome", "label": "Paris"},
+                {"response": "x"},
+            )
+        )
+    )
+    assert (
+        main(["reward", str(cases), "--plugin", "my_rewards.py", "--reward", "exact_match", "--quiet"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert "3 cases" in text and "accuracy 0.0000" in text and "errors 1" in text
+    assert "first error: ValueError: [case] has no label" in text
+    args = ["--reward", "my_rewards.py:exact_match", "--args", "ignore_case=true", "--quiet"]
+    assert main(["reward", str(cases), *args]) == 0
+    assert "accuracy 0.3333" in capsys.readouterr().out

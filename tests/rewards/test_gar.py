@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -207,3 +208,58 @@ def test_end_to_end_with_a_tiny_model_as_judge():
     assert abs(sum(r.score for r in results)) < 1e-9
     # 3 responses: each takes part in 2 * (3 - 1) = 4 judged contests
     assert all(r.info["contests"] == 4 for r in results), [r.info for r in results]
+
+
+class ReentrancyProbe:
+    """A TextGenerator that records how many callers are inside it at once; an engine takes one."""
+
+    def __init__(self):
+        self.inside = self.most = 0
+        self.count_lock = threading.Lock()
+
+    def generate_text(self, prompts, max_new_tokens):
+        with self.count_lock:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        time.sleep(0.05)  # long enough for the other groups' threads to arrive
+        with self.count_lock:
+            self.inside -= 1
+        return ["Verdict: tie"] * len(prompts)
+
+
+def test_engine_judge_lets_one_group_at_a_time_into_its_engine():
+    probe = ReentrancyProbe()
+    runner = RewardRunner(
+        {
+            "terms": [{"name": "gar", "args": {"judge": EngineJudge(probe), "rubric": RUBRIC}}],
+            "max_concurrency": 8,
+        }
+    )
+    out = runner.score([Sample(prompt=f"p{g}", response=str(k)) for g in range(4) for k in range(2)])
+    assert not any(o.errors for o in out) and probe.most == 1
+
+
+def _native_gar_runner(max_concurrency: int) -> RewardRunner:
+    judge = {"backend": "native", "preset": "tiny", "seed": 1, "max_new_tokens": 6}
+    return RewardRunner(
+        {
+            "terms": [{"name": "gar", "timeout_s": 300, "args": {"judge": judge}}],
+            "max_concurrency": max_concurrency,
+        }
+    )
+
+
+def test_native_judge_is_safe_under_concurrent_groups():
+    """Issue 14: with several prompt groups judged at once (the runner's threads, up to max_concurrency), the
+    native judge's engine was driven from two threads and failed with IndexError/KeyError. Every group must
+    now be judged, with the scores it gets when groups are judged one at a time (the judge is greedy)."""
+    samples = [
+        Sample(prompt=f"{a}+{a}=", response=r, metadata={"group_id": a})
+        for a in range(4)
+        for r in (str(2 * a), str(2 * a + 1), "7")
+    ]
+    concurrent = _native_gar_runner(max_concurrency=8).score(samples)
+    assert not any(o.errors for o in concurrent), [o.errors for o in concurrent if o.errors]
+    one_at_a_time = _native_gar_runner(max_concurrency=1).score(samples)
+    assert [o.score for o in concurrent] == [o.score for o in one_at_a_time]
+    assert all(o.components["gar"].info["contests"] == 4 for o in concurrent)

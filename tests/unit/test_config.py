@@ -25,6 +25,35 @@ def test_overrides_apply():
     assert cfg.model.precision == "bf16" and cfg.kernels.batch_invariant is False
 
 
+def test_list_entries_can_be_overridden():
+    """`rewards.terms.0.name=x` (or `[0]`) changes entry 0 of the file's list, as a verl user expects."""
+    cfg = load_config(
+        ROOT / "configs/tiny_math.yaml",
+        ["rewards.terms.0.name=think_format", "rewards.terms[0].weight=0.5", "rewards.terms.0.args={}"],
+    )
+    assert [(t.name, t.weight, t.args) for t in cfg.rewards.terms] == [("think_format", 0.5, {})]
+    whole = load_config(
+        ROOT / "configs/tiny_math.yaml", ["rewards.terms=[{name: math}, {name: think_format, weight: 0.1}]"]
+    )
+    assert [(t.name, t.weight) for t in whole.rewards.terms] == [("math", 1.0), ("think_format", 0.1)]
+
+
+def test_bad_list_overrides_show_the_working_syntax():
+    tiny_math = ROOT / "configs/tiny_math.yaml"
+    with pytest.raises(
+        ValueError,
+        match=r"rewards\.terms has 1 entry, so no entry 1.*set the whole list, e\.g\. rewards\.terms=",
+    ):
+        load_config(tiny_math, ["rewards.terms.1.name=think_format"])
+    with pytest.raises(
+        ValueError, match=r"rewards\.terms is a list; index it, e\.g\. rewards\.terms\.0\.name="
+    ):
+        load_config(tiny_math, ["rewards.terms.name=think_format"])
+    # Without a config file there is no list to index: the defaults live in the typed config, not in YAML.
+    with pytest.raises(ValueError, match=r"rewards\.terms is not a list in the config file.*rewards\.terms="):
+        load_config(None, ["rewards.terms.0.name=think_format"])
+
+
 def test_unknown_key_names_path_and_allowed(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  preset: tiny\n  precison: bf16\n")
