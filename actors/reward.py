@@ -12,8 +12,8 @@ from collections import defaultdict
 from typing import Any
 
 from rewards.api import Sample
-from rewards.config import RewardsConfig
 from rewards.runner import RewardRunner, ScoredSample, group_key
+from rlplat.reward_config import RewardsConfig
 
 
 class RewardWorker:

@@ -6,9 +6,9 @@ Public API: ``Sample``, ``RewardResult``, ``reward`` (decorator), ``resolve``, `
 """
 
 from rewards.api import RewardResult, Sample
-from rewards.config import RewardsConfig, RewardSpec
 from rewards.registry import registered, resolve, reward
 from rewards.runner import RewardRunner, ScoredSample
+from rlplat.reward_config import RewardsConfig, RewardSpec
 
 __all__ = [
     "RewardResult",

@@ -21,7 +21,7 @@ from typing import Any
 
 import jinja2
 
-from rlplat.dashboard import metrics_schema as ms
+import rlplat.dashboard.metrics_schema as ms
 
 MAX_ROLLOUTS = 50
 # Headline numbers shown at the top of the page.

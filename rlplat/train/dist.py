@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as torch_dist
 
-if TYPE_CHECKING:
-    from rlplat.train.optim import ShardedAdamW
+
+class GradBuffers(Protocol):
+    """What the gradient reduction needs of the optimizer (``rlplat.train.optim.ShardedAdamW``, which builds
+    on this module, so it is named by its shape here)."""
+
+    def all_reduce_grads(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class DataParallel:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
+    def all_reduce_grads(self, optimizer: GradBuffers) -> None:
         """SUM the fp32 gradients over ranks, in place in the optimizer's flat buffers."""
         optimizer.all_reduce_grads()
 
