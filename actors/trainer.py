@@ -111,11 +111,16 @@ class TrainerWorker:
             if self.rank == 0:
                 yield bucket
 
-    def save_checkpoint(self, directory: str, data_position: Any) -> str:
-        return str(self.trainer.save_checkpoint(directory, data_position))
+    def save_checkpoint(self, directory: str, data_position: Any) -> str | None:
+        from rlplat.train.checkpoint import save_checkpoint
+
+        path = save_checkpoint(self.trainer, directory, data_position)
+        return None if path is None else str(path)
 
     def load_checkpoint(self, path: str) -> Any:
-        return self.trainer.load_checkpoint(path)
+        from rlplat.train.checkpoint import load_checkpoint
+
+        return load_checkpoint(self.trainer, path)
 
     def version(self) -> int:
         return self.trainer.version

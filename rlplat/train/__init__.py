@@ -3,7 +3,7 @@ exact checkpoints and checkpoint merging (see ``trainer.py`` for the step, ``che
 
 from rlplat.train.batch import TrainBatch
 from rlplat.train.checkpoint import (
-    export_hf,
+    Checkpointable,
     latest_checkpoint,
     load_checkpoint,
     merge_checkpoints,
@@ -17,6 +17,7 @@ from rlplat.train.trainer import NonFiniteError, Trainer, TrainerBackend
 
 __all__ = [
     "CheckpointConfig",
+    "Checkpointable",
     "DataParallel",
     "ExpertLoadCounter",
     "NonFiniteError",
@@ -25,7 +26,6 @@ __all__ = [
     "TrainerBackend",
     "TrainerConfig",
     "expert_bias_update",
-    "export_hf",
     "init_data_parallel",
     "latest_checkpoint",
     "load_checkpoint",

@@ -74,6 +74,11 @@ class DataParallel:
         """Tokens per expert counted on this rank → over the whole step's batch (in place)."""
         self.all_reduce_tensors(counts)
 
+    def barrier(self) -> None:
+        """Wait for every rank of the group (a no-op for one rank)."""
+        if self.enabled:
+            torch_dist.barrier(group=self.group)
+
 
 def init_data_parallel(
     rank: int,

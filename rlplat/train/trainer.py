@@ -37,6 +37,7 @@ import copy
 import math
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -50,8 +51,17 @@ from rlplat.algos.config import AlgoConfig
 from rlplat.algos.filtering import dynamic_sampling_mask
 from rlplat.algos.losses import gspo_loss, lpo_loss, ppo_clip_loss
 from rlplat.algos.validation import masked_values
-from rlplat.models import RingLinearForCausalLM, precision_of, to_precision
+from rlplat.models import RingLinearForCausalLM, precision_of, save_pretrained, to_precision
 from rlplat.train.batch import TrainBatch
+from rlplat.train.checkpoint import (
+    HF_DIR,
+    RNG_FILE,
+    TRAINER_FILE,
+    Checkpointable,
+    empty_directory,
+    rng_state,
+    set_rng_state,
+)
 from rlplat.train.config import TrainerConfig
 from rlplat.train.dist import DataParallel
 from rlplat.train.experts import ExpertLoadCounter
@@ -80,12 +90,10 @@ class NonFiniteError(FloatingPointError):
 
 
 @runtime_checkable
-class TrainerBackend(Protocol):
-    """What the trainer actor and the controller call. The torch ``Trainer`` implements it; a Megatron-core
-    backend (tensor/expert/pipeline parallel, issue 7) must too, exporting full tensors under HF names."""
-
-    @property
-    def version(self) -> int: ...
+class TrainerBackend(Checkpointable, Protocol):
+    """What the trainer actor calls, on every rank. The torch ``Trainer`` implements it, and so does the
+    Megatron-core backend (``rlplat.train.megatron``), which exports full tensors under HF names too.
+    Checkpoints go through ``rlplat.train.checkpoint.save_checkpoint`` / ``load_checkpoint``."""
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
 
@@ -94,10 +102,6 @@ class TrainerBackend(Protocol):
     def export_weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
 
     def export_weight_buckets(self, max_bytes: int = ...) -> Iterator[dict[str, torch.Tensor]]: ...
-
-    def save_checkpoint(self, directory: str, data_position: Any = None) -> Any: ...
-
-    def load_checkpoint(self, path: str) -> Any: ...
 
 
 _MICRO_SUMS = (
@@ -192,8 +196,6 @@ class Trainer:
             self.reference.requires_grad_(False)
         self.expert_load = self._load_counter(model)
 
-    # -- public API ---------------------------------------------------------------------------------------
-
     @property
     def version(self) -> int:
         """Weight version: the number of optimizer steps taken (0 = the initial weights)."""
@@ -226,15 +228,45 @@ class Trainer:
         named = ((k, v.detach().to("cpu", copy=True)) for k, v in self.model.state_dict().items())
         return weight_buckets(named, max_bytes)
 
-    def save_checkpoint(self, directory: str, data_position: Any = None):
-        from rlplat.train.checkpoint import save_checkpoint
+    @property
+    def keep_last(self) -> int:
+        return self.config.checkpoint.keep_last
 
-        return save_checkpoint(self, directory, data_position=data_position)
+    def write_checkpoint(self, staging: Path) -> bool:
+        """``Checkpointable``: rank 0 writes ``trainer.pt``, ``rng.pt`` and, on request, ``hf/``. Every rank
+        must call it (the optimizer's shards are gathered first, so a checkpoint does not depend on the number
+        of ranks)."""
+        state = self.state_dict(keep_optimizer=self.dp.rank == 0)
+        if self.dp.rank != 0:
+            return False
+        empty_directory(staging)
+        if not self.config.checkpoint.save_optimizer:
+            state["optimizer"] = None
+        torch.save(state, staging / TRAINER_FILE)
+        torch.save(rng_state(), staging / RNG_FILE)
+        if self.config.checkpoint.export_hf:
+            save_pretrained(self.model, staging / HF_DIR)
+        return True
 
-    def load_checkpoint(self, path: str):
-        from rlplat.train.checkpoint import load_checkpoint
+    def read_checkpoint(self, directory: Path) -> None:
+        """``Checkpointable``: the state of ``trainer.pt`` and the random streams of ``rng.pt``."""
+        if not (directory / TRAINER_FILE).exists():
+            raise ValueError(
+                f"{directory} has no {TRAINER_FILE}: it was not written by the torch trainer (a Megatron-backend "
+                "checkpoint does not match this model's trainer); set trainer.backend to the one that wrote it, "
+                "or start from its weights (python -m rlplat.train.megatron.convert to-hf)"
+            )
+        # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
+        state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
+        if state["optimizer"] is None:
+            raise ValueError(
+                f"{directory} was saved without optimizer state (checkpoint.save_optimizer: false)"
+            )
+        self.load_state_dict(state)
+        set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
 
-        return load_checkpoint(self, path)
+    def barrier(self) -> None:
+        self.dp.barrier()
 
     def state_dict(self, keep_optimizer: bool = True) -> dict[str, Any]:
         """Everything a checkpoint holds. A collective under data parallelism (the optimizer's shards are
@@ -264,8 +296,6 @@ class Trainer:
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
         self.step, self._version = int(state["step"]), int(state["version"])
-
-    # -- the step -----------------------------------------------------------------------------------------
 
     def _kernel_mode(self):
         if self.config.batch_invariant is None:
