@@ -11,7 +11,9 @@ A run directory holds:
   ``step`` (int >= 0) and ``time`` (Unix seconds, added by ``RunLog``) are always there; every other value is a
   number, or ``null`` for NaN/inf (strict JSON; the chart shows a gap). Keys are the constants below; a metric
   the loop does not compute is simply absent (its chart says "no data yet"), and extra keys are allowed (they
-  appear in the page's "all metrics" table). Metrics logged on some steps only (``accuracy/eval`` every
+  appear in the page's "all metrics" table). ``reward/<term>/{calls,errors,timeouts,latency_mean_s,
+  latency_max_s,score_mean}`` count the reward workers' calls since the previous line. Metrics logged on
+  some steps only (``accuracy/eval`` every
   ``eval_every`` steps) are absent on the others. If a step appears twice (a resumed run redid it), the later
   line wins. A line cut short by a crash is skipped by the reader and noted on the page.
 - ``rollouts.jsonl``: sampled rollouts, one JSON object per rollout, appended per step::
@@ -59,6 +61,11 @@ TIME_REWARD = "time/reward_s"
 TIME_TRAIN = "time/train_s"
 TIME_WEIGHT_SYNC = "time/weight_sync_s"
 TIME_CHECKPOINT = "time/checkpoint_s"
+# the reward workers' calls since the previous line, over every reward term (per term: reward/<term>/...)
+REWARD_CALL_ERRORS = "reward/call_errors"
+REWARD_TIMEOUTS = "reward/timeouts"
+REWARD_LATENCY_MEAN = "reward/latency_mean_s"
+REWARD_LATENCY_MAX = "reward/latency_max_s"
 
 # Keys of a rollout record and of its ``mismatch`` summary.
 ROLLOUT_KEYS = ("step", "prompt", "response", "reward", "mismatch")
@@ -103,6 +110,18 @@ CHARTS: tuple[Chart, ...] = (
         "IcePop masked fraction",
         "share of tokens masked",
         (Series(ICEPOP_MASKED_FRACTION, "masked fraction"),),
+    ),
+    Chart(
+        "reward_failures",
+        "Reward calls that failed",
+        "calls per step",
+        (Series(REWARD_TIMEOUTS, "timed out"), Series(REWARD_CALL_ERRORS, "raised or returned an error")),
+    ),
+    Chart(
+        "reward_latency",
+        "Reward latency",
+        "seconds per call",
+        (Series(REWARD_LATENCY_MEAN, "mean"), Series(REWARD_LATENCY_MAX, "max")),
     ),
     Chart("entropy", "Entropy", "mean token entropy (nats)", (Series(ENTROPY_MEAN, "entropy"),)),
     Chart("response_length", "Response length", "tokens", (Series(RESPONSE_LENGTH_MEAN, "mean length"),)),

@@ -13,7 +13,7 @@ from rlplat.train.checkpoint import (
 from rlplat.train.config import CheckpointConfig, TrainerConfig
 from rlplat.train.dist import DataParallel, init_data_parallel
 from rlplat.train.experts import ExpertLoadCounter, expert_bias_update
-from rlplat.train.trainer import NonFiniteError, Trainer, TrainerBackend
+from rlplat.train.trainer import NonFiniteError, RowProbe, Trainer, TrainerBackend
 
 __all__ = [
     "CheckpointConfig",
@@ -21,6 +21,7 @@ __all__ = [
     "DataParallel",
     "ExpertLoadCounter",
     "NonFiniteError",
+    "RowProbe",
     "TrainBatch",
     "Trainer",
     "TrainerBackend",

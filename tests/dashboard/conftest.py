@@ -31,6 +31,10 @@ def synthetic_metrics(step: int, rng: random.Random) -> dict[str, float]:
         M.TIME_TRAIN: 2.0 + rng.uniform(0, 0.3),
         M.TIME_WEIGHT_SYNC: 0.15,
         M.TIME_CHECKPOINT: 0.8 if step % 5 == 4 else 0.0,
+        M.REWARD_TIMEOUTS: float(rng.random() < 0.1),
+        M.REWARD_CALL_ERRORS: 0.0,
+        M.REWARD_LATENCY_MEAN: 0.02 + rng.uniform(0, 0.01),
+        M.REWARD_LATENCY_MAX: 0.05 + rng.uniform(0, 0.05),
     }
     if step % EVAL_EVERY == 0:
         metrics[M.ACCURACY_EVAL] = acc - 0.05

@@ -78,7 +78,7 @@ from rlplat.train.megatron.layout import (
 )
 from rlplat.train.megatron.parallelize import ParallelRingLinear
 from rlplat.train.optim import ShardedAdamW
-from rlplat.train.trainer import Trainer, _Sums, weight_buckets
+from rlplat.train.trainer import RowProbe, Trainer, _Sums, weight_buckets
 
 
 def init_megatron(
@@ -346,8 +346,8 @@ class MegatronTrainer(Trainer):
         self.precision = precision
         self._collective_backward = self.layout.ep > 1
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        out = super().train_step(batch)
+    def train_step(self, batch: TrainBatch, probe: RowProbe | None = None) -> dict[str, float]:
+        out = super().train_step(batch, probe)
         if "grad_norm" in out and self.groups.last_grad_norm is not None:
             out["grad_norm"] = self.groups.last_grad_norm  # the global norm, before clipping
         return out
@@ -387,12 +387,12 @@ class MegatronTrainer(Trainer):
         finally:
             for h in hooks:
                 h.remove()
-        # the last stage computed the losses: its metrics and verdict are the step's on every stage
-        state = [sums.sums, sums.maxes, finite]
+        # the last stage computed the losses: its metrics, probed rows and verdict are the step's on every stage
+        state = [sums.sums, sums.maxes, sums.probe, finite]
         last = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast_object_list(state, src=last, group=self.groups.pp_group)
-        sums.sums, sums.maxes = state[0], state[1]
-        return state[2]
+        sums.sums, sums.maxes, sums.probe = state[0], state[1], state[2]
+        return state[3]
 
     def _logprobs(self, model, batch: TrainBatch, rows: torch.Tensor, grad: bool = False):
         if self.layout.pp == 1:
