@@ -1,37 +1,85 @@
-"""Reward workers: one Ray actor class for the role, a thin shell over ``rewards.runner.RewardRunner``.
+"""Reward workers: one Ray actor class for the role, a thin shell over ``rewards.runner.RewardRunner``, and
+``RewardPool``, the driver's typed handle on them.
 
 ``RewardWorker`` is an async actor, so several batches can be in flight in one worker and a slow reward call
-(a code run, a judge request) only occupies its own task. ``RewardWorkerPool`` spreads a batch over the
-workers by prompt group (a group reward must see the whole group) and gathers the results in order;
-``metrics()`` merges per-reward call, error, timeout and latency counts across workers.
+(a code run, a judge request) only occupies its own task. It reads the samples straight from the rollout
+worker's object ref and returns only scores; whole groups go to one call (a group reward must see the whole
+group). ``RewardPool.take_metrics`` merges the workers' per-reward call, error, timeout and latency counts.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from actors.pool import WorkerPool, shard
+from actors.rollout import Rollouts
 from rewards.api import Sample
-from rewards.config import RewardsConfig
-from rewards.runner import RewardRunner, ScoredSample, group_key
+from rewards.runner import RewardRunner, ScoredSample
+from rlplat.data.prompts import PromptItem
+from rlplat.reward_config import RewardsConfig
+from rlplat.train.batch import SampleGroups
+
+
+@dataclass
+class Scores:
+    """Per sample, in order: the combined reward, whether every verdict was "correct", whether a reward erred."""
+
+    rewards: list[float]
+    correct: list[bool]
+    errors: list[bool]
+
+    @staticmethod
+    def merge(parts: list[Scores]) -> Scores:
+        return Scores(
+            [x for p in parts for x in p.rewards],
+            [x for p in parts for x in p.correct],
+            [x for p in parts for x in p.errors],
+        )
+
+
+def is_correct(scored: ScoredSample) -> bool:
+    verdicts = [r.verdict for r in scored.components.values() if r.verdict is not None]
+    return bool(verdicts) and all(v == "correct" for v in verdicts)
 
 
 class RewardWorker:
-    """Scores batches with the configured rewards. Use through ``ray.remote`` (see ``RewardWorkerPool``)."""
+    """Scores groups of samples with the configured rewards."""
 
     def __init__(self, config: dict[str, Any] | RewardsConfig):
         self.runner = RewardRunner(
             config if isinstance(config, RewardsConfig) else RewardsConfig.model_validate(config)
         )
 
-    async def score(self, samples: list[Sample]) -> list[ScoredSample]:
-        return await self.runner.ascore(samples)
+    async def score_groups(self, samples: SampleGroups, first: int, items: list[PromptItem]) -> Scores:
+        """Scores of groups ``first`` .. ``first + len(items) - 1`` of ``samples``, whose prompts are ``items``."""
+        n = samples.group_size
+        lo, hi = first * n, (first + len(items)) * n
+        tokens = samples.responses()[lo:hi]
+        texts = (samples.texts or [""] * len(samples.response_lengths_S))[lo:hi]
+        batch = [
+            Sample(
+                prompt=item.question,
+                response=texts[k * n + j],
+                response_tokens=tokens[k * n + j],
+                label=item.answer,
+                metadata={"group_id": item.id},
+            )
+            for k, item in enumerate(items)
+            for j in range(n)
+        ]
+        scored = await self.runner.ascore(batch)
+        return Scores(
+            [x.score for x in scored], [is_correct(x) for x in scored], [bool(x.errors) for x in scored]
+        )
 
-    def metrics(self) -> dict[str, float]:
-        return self.runner.metrics()
-
-    def ping(self) -> str:
-        return "ok"
+    def take_metrics(self) -> dict[str, float]:
+        """The runner's counts since the last call (then reset); ``reward/abandoned_threads`` is cumulative."""
+        metrics = self.runner.metrics()
+        self.runner.reset_metrics()
+        return metrics
 
 
 def merge_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
@@ -53,56 +101,40 @@ def merge_metrics(per_worker: list[dict[str, float]]) -> dict[str, float]:
     return dict(out)
 
 
-class RewardWorkerPool:
-    """``num_workers`` RewardWorker actors; ``score(samples)`` returns one ScoredSample per sample, in order."""
+def reward_totals(merged: dict[str, float]) -> dict[str, float]:
+    """Over every reward term: calls, erring calls, timeouts and latency (the dashboard's reward charts)."""
+    terms = {k.removesuffix("/calls") for k in merged if k.count("/") == 2 and k.endswith("/calls")}
+    calls = sum(merged[f"{t}/calls"] for t in terms)
+    return {
+        "reward/calls": calls,
+        "reward/call_errors": sum(merged[f"{t}/errors"] for t in terms),
+        "reward/timeouts": sum(merged[f"{t}/timeouts"] for t in terms),
+        "reward/latency_mean_s": (
+            sum(merged[f"{t}/latency_mean_s"] * merged[f"{t}/calls"] for t in terms) / calls if calls else 0.0
+        ),
+        "reward/latency_max_s": max((merged[f"{t}/latency_max_s"] for t in terms), default=0.0),
+    }
 
-    def __init__(
-        self, config: dict[str, Any] | RewardsConfig, num_workers: int | None = None, num_cpus: float = 1.0
-    ):
-        import ray
 
-        cfg = config if isinstance(config, RewardsConfig) else RewardsConfig.model_validate(config)
-        n = num_workers or cfg.num_workers
-        if n < 1:
-            raise ValueError(f"num_workers must be >= 1, got {n}")
-        actor = ray.remote(num_cpus=num_cpus)(RewardWorker)
-        self.workers = [actor.remote(cfg.model_dump()) for _ in range(n)]
-        ray.get([w.ping.remote() for w in self.workers])
+class RewardPool(WorkerPool):
+    """``size`` reward workers; each rollout shard's groups are split over them."""
 
-    def submit(self, samples: list[Sample]) -> tuple[list[Any], list[list[int]]]:
-        """Start scoring; returns (object refs, sample indices per ref). Whole groups go to one worker."""
-        groups: dict[Any, list[int]] = defaultdict(list)
-        for i, s in enumerate(samples):
-            groups[group_key(s) if isinstance(s, Sample) else ("bad", i)].append(i)
-        shards: list[list[int]] = [[] for _ in self.workers]
-        for idx in sorted(groups.values(), key=len, reverse=True):
-            min(shards, key=len).extend(idx)
-        refs, index = [], []
-        for w, shard in zip(self.workers, shards):
-            if shard:
-                refs.append(w.score.remote([samples[i] for i in shard]))
-                index.append(shard)
-        return refs, index
+    def __init__(self, make: Callable[[], Any], size: int, max_restarts: int):
+        super().__init__("reward", make, size, max_restarts)
 
-    def score(self, samples: list[Sample]) -> list[ScoredSample]:
-        import ray
+    def score(self, rollouts: Rollouts, items: list[PromptItem]) -> Scores:
+        """Scores of every sample of ``rollouts`` (whose prompts are ``items``), in order."""
+        pieces = max(1, self.size // len(rollouts.refs))
+        calls = [
+            lambda actor, ref=ref, part=part, prompts=prompts: actor.score_groups.remote(
+                ref, part[0], [items[prompts[i]] for i in part]
+            )
+            for ref, prompts in zip(rollouts.refs, rollouts.prompts, strict=True)
+            for part in shard(len(prompts), pieces)
+        ]
+        return Scores.merge(self.map(calls))
 
-        refs, index = self.submit(samples)
-        out: list[ScoredSample | None] = [None] * len(samples)
-        for shard, results in zip(index, ray.get(refs)):
-            for i, r in zip(shard, results):
-                out[i] = r
-        assert all(r is not None for r in out)
-        return out  # type: ignore[return-value]
-
-    def metrics(self) -> dict[str, float]:
-        import ray
-
-        return merge_metrics(ray.get([w.metrics.remote() for w in self.workers]))
-
-    def shutdown(self) -> None:
-        import ray
-
-        for w in self.workers:
-            ray.kill(w)
-        self.workers = []
+    def take_metrics(self) -> dict[str, float]:
+        """The workers' reward metrics since the last call, merged, with their totals over reward terms."""
+        merged = merge_metrics(self.map([lambda actor: actor.take_metrics.remote()] * self.size))
+        return {**merged, **reward_totals(merged)}

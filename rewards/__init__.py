@@ -8,10 +8,10 @@ lookup.
 """
 
 from rewards.api import RewardResult, Sample
-from rewards.config import RewardsConfig, RewardSpec
 from rewards.registry import import_plugin, registered, resolve, reward
 from rewards.runner import RewardRunner, ScoredSample, check_rewards
 from rewards.summary import RewardSummary, TermSummary, reward_metrics, summarize
+from rlplat.reward_config import RewardsConfig, RewardSpec
 
 __all__ = [
     "RewardResult",

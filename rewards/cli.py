@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from rewards.api import RewardResult, Sample
-from rewards.config import RewardsConfig, RewardSpec
 from rewards.runner import RewardRunner, term_passes
+from rlplat.reward_config import RewardsConfig, RewardSpec
 
 
 def parse_kv(items: list[str]) -> dict[str, Any]:

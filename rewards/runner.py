@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.api import RewardResult, Sample
-from rewards.config import RewardsConfig, RewardSpec
 from rewards.registry import RewardDef, import_plugin, resolve
+from rlplat.reward_config import RewardsConfig, RewardSpec
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,10 @@ Nothing is lost on a crash, and nothing is trained twice:
 
 Replayed steps reproduce the lost ones: a step's prompts are a function of its index and the training is
 deterministic, so the replayed weights (and versions) are the ones the lost trainer had.
+
+A stream entry is one scored sample as JSON (``to_records`` / ``from_records``): its step, prompt and
+sample index, response token ids, rollout log-probs (float32 → JSON → float32 is exact), text, reward,
+correctness, whether a reward erred, and the step's rollout and reward times.
 """
 
 from __future__ import annotations
@@ -27,9 +31,55 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from rlplat.buffer import Entry, ExperienceStream
+import torch
 
-Groups = list[list[dict]]
+from rlplat.buffer import Entry, ExperienceStream
+from rlplat.train.batch import SampleGroups
+
+
+def to_records(
+    parts: list[SampleGroups],
+    rewards: list[float],
+    correct: list[bool],
+    errors: list[bool],
+    step: int,
+    rollout_s: float,
+    reward_s: float,
+) -> list[dict]:
+    """One JSON-able record per sample of ``parts`` (in order, with its score), for the stream."""
+    records = []
+    for part in parts:
+        n, texts = part.group_size, part.texts or [""] * len(part.response_lengths_S)
+        for tokens, logp, text, version in zip(
+            part.responses(), part.logprobs(), texts, part.versions_S.tolist(), strict=True
+        ):
+            k = len(records)
+            records.append({
+                "step": step, "prompt": k // n, "sample": k % n, "tokens": tokens, "logprobs": logp.tolist(),
+                "text": text, "version": version, "score": rewards[k], "correct": correct[k],
+                "reward_error": errors[k], "rollout_s": rollout_s, "reward_s": reward_s,
+            })  # fmt: skip
+    return records
+
+
+def from_records(
+    records: list[dict], prompts: list[list[int]]
+) -> tuple[SampleGroups, list[float], list[bool], list[bool]]:
+    """The samples of a step's records (sorted by prompt and sample) and their rewards, correctness and
+    reward-error flags; ``prompts`` are the step's prompt token ids."""
+    samples = SampleGroups.pack(
+        prompts,
+        [r["tokens"] for r in records],
+        [torch.tensor(r["logprobs"], dtype=torch.float32) for r in records],
+        [r["version"] for r in records],
+        [r["text"] for r in records],
+    )
+    return (
+        samples,
+        [r["score"] for r in records],
+        [r["correct"] for r in records],
+        [r["reward_error"] for r in records],
+    )
 
 
 class AsyncRollout:
@@ -38,13 +88,12 @@ class AsyncRollout:
     def __init__(
         self,
         stream: ExperienceStream,
-        sample: Callable[[int], tuple[Groups, int]],
+        sample: Callable[[int], tuple[list[dict], int]],
         steps: int,
-        group_size: int,
         max_staleness: int,
     ):
         self.stream, self.sample = stream, sample
-        self.steps, self.group_size, self.max_staleness = steps, group_size, max_staleness
+        self.steps, self.max_staleness = steps, max_staleness
         self.mark_key = f"{stream.cfg.stream}:last_step"
         self._cond = threading.Condition()
         self._trained = 0  # steps whose update the rollout workers have (the producer may sample ≤ this + s)
@@ -54,7 +103,7 @@ class AsyncRollout:
         self._buffer: dict[int, list[Entry]] = {}
         self._uncommitted: list[str] = []  # ids of trained entries no checkpoint covers yet
 
-    # -- consumer side (the loop's thread) -----------------------------------------------------------------
+    # The consumer side, on the loop's thread.
     def start(self, next_step: int) -> None:
         """Recover what a previous process left in the stream, then start producing."""
         self.rewind(next_step)
@@ -78,8 +127,9 @@ class AsyncRollout:
         self.stream.ack(committed)
         self.trained(next_step)
 
-    def take(self, step: int) -> tuple[Groups, list[str]]:
-        """The scored sample groups of ``step`` (prompt order) and their entry ids; waits for the producer."""
+    def take(self, step: int) -> tuple[list[dict], list[str]]:
+        """The records of ``step``'s scored samples (by prompt, then sample) and their entry ids; waits for
+        the producer."""
         want = None
         while want is None or len(self._buffer.get(step, [])) < want:
             if self._error is not None:
@@ -89,9 +139,7 @@ class AsyncRollout:
             got = self._buffer.get(step, [])
             want = got[0].sample["samples_in_step"] if got else None
         entries = sorted(self._buffer.pop(step), key=lambda e: (e.sample["prompt"], e.sample["sample"]))
-        flat = [{**e.sample, "version": e.policy_version} for e in entries]
-        groups = [flat[i : i + self.group_size] for i in range(0, len(flat), self.group_size)]
-        return groups, [e.id for e in entries]
+        return [{**e.sample, "version": e.policy_version} for e in entries], [e.id for e in entries]
 
     def trained(self, steps_done: int, entry_ids: Sequence[str] = ()) -> None:
         """The rollout workers now hold the weights after ``steps_done`` steps; ``entry_ids`` were used."""
@@ -116,7 +164,7 @@ class AsyncRollout:
             self._thread.join()
         self.stream.close()
 
-    # -- producer side ---------------------------------------------------------------------------------------
+    # The producer side, on its own thread.
     def _produce(self, first: int) -> None:
         try:
             for step in range(first, self.steps):
@@ -125,8 +173,7 @@ class AsyncRollout:
                     if self._stop:
                         return
                 started = time.perf_counter()
-                groups, version = self.sample(step)
-                flat = [s for g in groups for s in g]
+                flat, version = self.sample(step)
                 for s in flat:
                     s["samples_in_step"] = len(flat)
                     s["produce_s"] = time.perf_counter() - started

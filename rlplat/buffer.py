@@ -1,22 +1,22 @@
-"""The experience stream of async mode: rollout samples flow to the trainer through a Redis stream.
+"""The experience stream of async mode: scored samples flow from the rollout producer to the loop through a
+Redis stream.
 
-Rollout workers ``publish`` samples (one stream entry each, tagged with the policy version that generated
-them); the trainer ``read``s them through a consumer group and ``ack``s them only after the optimizer step
-that used them is committed. Delivered-but-unacked entries stay in the group's pending list, so a trainer
-killed mid-step loses nothing: on restart ``recover_pending`` hands them back.
+``rlplat.async_rollout`` drives it from the driver: its producer thread ``publish``es each step's scored
+samples (one stream entry each, tagged with the policy version that generated them, in one transaction with
+the step's progress mark), and the RL loop ``read``s them through a consumer group and ``ack``s them only
+once a checkpoint commits the steps that used them. Delivered-but-unacked entries stay in the group's
+pending list, so a run killed between checkpoints loses nothing: on restart ``recover_pending`` hands them
+back.
 
-Exactly-once across a crash needs one rule from the caller. A crash can land between committing step k
-(checkpoint written) and acking its entries; the restarted trainer would then train on them twice. So a
-committed step records its entry ids, and on resume the trainer acks the last committed step's ids
-*before* calling ``recover_pending`` (acking twice is harmless)::
+Exactly-once across a crash needs one rule from the consumer, because a crash can land between committing
+step k (checkpoint written) and acking its entries. Every entry carries its step, so on restart the entries
+that ``recover_pending`` returns for steps below the checkpoint's next step were committed and are acked
+then (acking twice is harmless); the rest are trained again::
 
     stream = ExperienceStream.connect(cfg.redis, run_dir)
-    stream.ack(last_checkpoint.entry_ids)      # no-op unless the crash hit between commit and ack
-    batch = stream.recover_pending()           # entries of the interrupted step, if any
-    ...
-    batch += stream.read(count=n, block_ms=1000)
-    batch = stream.drop_stale(batch, policy_version, max_staleness)
-    train(batch); commit(step, [e.id for e in batch]); stream.ack([e.id for e in batch])
+    pending = stream.recover_pending()          # entries delivered before the crash and never acked
+    stream.ack([e.id for e in pending if e.sample["step"] < next_step])
+    ...                                         # then: read, train, checkpoint, ack what the checkpoint covers
 
 Entries are JSON (never pickle: the stream is an input from other processes). An entry that does not
 decode is recorded (``malformed`` count, ``stream_errors.jsonl`` in the run directory) and acked, so a bad
@@ -110,7 +110,6 @@ class StreamStats:
     delivered: int = 0
     recovered: int = 0
     acked: int = 0
-    dropped_stale: int = 0
     malformed: int = 0
 
 
@@ -453,16 +452,6 @@ class ExperienceStream:
         entries += self._decode(claimed)
         self.stats.recovered += len(entries)
         return entries
-
-    def drop_stale(self, entries: list[Entry], current_version: int, max_staleness: int) -> list[Entry]:
-        """Returns the entries at most ``max_staleness`` versions behind; acks and counts the rest."""
-        fresh = [e for e in entries if current_version - e.policy_version <= max_staleness]
-        stale = [e.id for e in entries if current_version - e.policy_version > max_staleness]
-        if stale:
-            self.ack(stale)
-            self.stats.dropped_stale += len(stale)
-            log.info("dropped %d samples more than %d versions old", len(stale), max_staleness)
-        return fresh
 
     def lag(self) -> int:
         """Entries not yet delivered to the group plus entries delivered but not acked."""

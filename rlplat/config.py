@@ -15,13 +15,12 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from actors.config import WorkersConfig
 from kernels import check_chunk_size
-from rewards.config import RewardsConfig
 from rlplat.algos.config import AlgoConfig
 from rlplat.buffer import RedisConfig
 from rlplat.data.prompts import DataConfig
 from rlplat.engine.config import RolloutConfig
+from rlplat.reward_config import RewardsConfig
 from rlplat.runlog import WandbConfig
 from rlplat.train.config import TrainerConfig
 
@@ -113,6 +112,38 @@ class RunSection(Section):
     )
 
 
+class RoleResources(Section):
+    num: int = Field(1, ge=1, description="Number of actors of this role.")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved per actor (Ray's scheduling unit).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads per actor; null: num_cpus rounded down, at least 1. In sync mode the roles "
+        "take turns, so each may use every core.",
+    )
+
+    @property
+    def threads(self) -> int:
+        return self.num_threads or max(1, int(self.num_cpus))
+
+
+class WorkersConfig(Section):
+    """The ``workers:`` section: how many Ray actors of each role, and their resources."""
+
+    rollout: RoleResources = Field(default_factory=RoleResources, description="Rollout workers.")
+    reward: RoleResources = Field(
+        default_factory=lambda: RoleResources(num_cpus=0.25),
+        description="Reward workers (mostly waiting on I/O).",
+    )
+    trainer: RoleResources = Field(
+        default_factory=RoleResources, description="Trainer workers (one per DP rank)."
+    )
+    max_restarts: int = Field(
+        3, ge=0, description="Replacements of dead workers per role (rollout, reward, trainer) per run."
+    )
+
+
 class ExperimentConfig(Section):
     model: ModelSection = Field(default_factory=ModelSection, description="The policy model.")
     kernels: KernelSection = Field(
@@ -172,9 +203,6 @@ class ExperimentConfig(Section):
                 f"set workers.trainer.num={ranks} (one trainer actor per rank)"
             )
         return self
-
-
-# --- loading ------------------------------------------------------------------------------------------------
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:

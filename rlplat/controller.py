@@ -1,15 +1,38 @@
-"""The RL loop: prompts → rollouts → rewards → advantages → train → weight push → metrics → checkpoint.
+"""The RL program: resume or warm start, then prompts → rollouts → rewards → train → weight push → metrics →
+checkpoint, every step. ``Controller.run`` reads top to bottom; ``rlplat run`` (``rlplat.run``) adds the
+command line around it (preflight, run directory, progress bar, Ctrl-C).
 
-Sync mode (default): every step samples with the weights of the previous optimizer step (policy version =
-step), so with the native engine in batch-invariant mode the rollout log-probs ARE the trainer's π_old,
-bitwise; `mismatch/*` metrics show it (max |Δlogp| = 0). Async mode (``run.mode: async``): a producer
-thread samples ahead, at most ``run.max_staleness`` versions, and the samples reach the loop through the
-Redis experience stream; see ``rlplat.async_rollout`` for how nothing is lost or trained twice.
+Sync mode (default): every step samples with the weights of the previous optimizer step, so with the native
+engine in batch-invariant mode the rollout log-probs ARE the trainer's π_old, bitwise; `mismatch/*` metrics
+show it (max |Δlogp| = 0). Async mode (``run.mode: async``): a producer thread samples ahead, at most
+``run.max_staleness`` versions, and the samples reach the loop through the Redis experience stream; see
+``rlplat.async_rollout`` for how nothing is lost or trained twice.
+
+Where a step's data goes: rollout workers keep their samples (``SampleGroups``: token ids and log-probs,
+packed) in the Ray object store and answer with a small summary; reward workers and every trainer rank read
+the samples from those refs, the trainer ranks building the padded batch themselves; the driver holds the
+refs, the per-sample rewards and a few counts. In async mode the samples pass through the driver, which
+owns the Redis stream (they are JSON there, to survive a crash), and are put in the object store once.
 
 Before RL, a short supervised warm start (``run.warm_start_steps``) teaches the format of the answers on the
 training prompts' reference answers. It goes through the trainer's own RL step with advantages of 1 and
 π_old = π, whose gradient is the NLL gradient, so there is one optimizer and one code path. The KL reference
 (when on) is then reset to the warm-started policy.
+
+Deviations from the papers, on purpose:
+- One optimizer step per batch (PPO and GRPO take several mini-batch epochs). With an exact backend and
+  ``algo.correction.use_rollout_logp_as_old`` the rollout's log-probs are π_old = π_θ, so the ratio is 1 and
+  the clip never binds: the update is the on-policy policy gradient of the chosen advantages.
+- Dynamic sampling (DAPO) drops zero-variance groups and samples no replacements, so a step may train on
+  fewer than ``data.prompts_per_step`` groups.
+- IcePop (Ring-1T) is a mask only (the ratio weight is TIS, a separate option); on an exact backend it masks
+  nothing. LPO (Ling 2.0) uses the GSPO-token form (``rlplat.algos.losses``); GAR judges both orders of each
+  pair and normalises by the most points attainable (``rewards.gar``).
+- Async mode trains on samples up to ``run.max_staleness`` versions old with their rollout log-probs as
+  π_old, so the PPO ratio measures the policy lag and the clip bounds it; there is no separate proximal
+  policy (AReaL's decoupled objective).
+- The papers start RL from an instruction-tuned checkpoint; the tiny preset starts from random weights, hence
+  the warm start.
 
 Faults: a rollout or reward worker that dies is replaced (``workers.max_restarts``); the replacement gets
 the current weights and the same prompts again, so each step's prompts are scored exactly once
@@ -28,119 +51,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.reward import RewardWorker
-from actors.rollout import RolloutWorker
-from actors.trainer import TrainerWorker
-from rewards.api import Sample as RewardSample
-from rlplat.async_rollout import AsyncRollout
+from actors.reward import RewardPool, RewardWorker, Scores
+from actors.rollout import RolloutPool, Rollouts, RolloutSummary, RolloutWorker
+from actors.trainer import TrainerGroup
+from rlplat.async_rollout import AsyncRollout, from_records, to_records
 from rlplat.buffer import ExperienceStream
 from rlplat.config import ExperimentConfig
 from rlplat.data.prompts import PromptItem, load_prompts, step_prompts
 from rlplat.data.tokenizers import TextTokenizer
 from rlplat.runlog import RunLog, mismatch_summary
-from rlplat.train.batch import TrainBatch
+from rlplat.train.batch import SampleGroups
 from rlplat.train.checkpoint import latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
 
 
 @dataclass
-class Pool:
-    """The actors of one role; a dead actor is replaced and its shard of work issued again."""
+class ProgressHooks:
+    """What the program tells its caller as it goes (``rlplat run``'s progress bar); every hook is optional."""
 
-    name: str
-    make: Callable[[], Any]
-    size: int
-    max_restarts: int
-    on_restart: Callable[[Any], None] = lambda actor: None
-    actors: list = field(default_factory=list)
-    restarts: int = 0
-
-    def __post_init__(self) -> None:
-        self.actors = [self.make() for _ in range(self.size)]
-
-    def map(self, method: str, shards: list[tuple]) -> list[Any]:
-        """Call ``method(*shard)`` on actor i for shard i (i < size); results in shard order."""
-        results: list[Any] = [None] * len(shards)
-        pending = dict(enumerate(shards))
-        while pending:
-            refs = {
-                i: getattr(self.actors[i % self.size], method).remote(*args) for i, args in pending.items()
-            }
-            for i, ref in refs.items():
-                try:
-                    results[i] = ray.get(ref)
-                    del pending[i]
-                except ray.exceptions.RayActorError:
-                    self._replace(i % self.size)
-        return results
-
-    def _replace(self, index: int) -> None:
-        if self.restarts >= self.max_restarts:
-            raise RuntimeError(
-                f"{self.name} worker {index} died and workers.max_restarts={self.max_restarts} is used up"
-            )
-        self.restarts += 1
-        self.actors[index] = self.make()
-        self.on_restart(self.actors[index])
+    resumed: Callable[[Path, int], None] = lambda checkpoint, step: None
+    warm_start: Callable[[int, dict], None] = lambda k, metrics: None
+    step: Callable[[int, dict], None] = lambda step, metrics: None
 
 
-@ray.remote(num_cpus=0)
-def _rendezvous() -> tuple[str, int]:
-    """Rank 0's address for torch.distributed, found on the node where rank 0 will run."""
-    from rlplat.train.dist import free_port
+@dataclass
+class StepSamples:
+    """One step's scored samples as the loop holds them: the samples as object refs, the rest small."""
 
-    return ray.util.get_node_ip_address(), free_port()
-
-
-class TrainerGroup:
-    """The trainer's ranks, one actor each, gang-placed in a placement group (PACK: one node when they fit).
-    Every call goes to every rank (they run the step's collectives together); rank 0 answers, since all ranks
-    return the same results and rank 0 alone writes checkpoints."""
-
-    def __init__(self, make: Callable[[int, str | None, int | None, Any], Any], size: int, resources: dict):
-        self.pg, addr, port = None, None, None
-        placements: list[Any] = [None] * size  # one rank: Ray places it like any actor
-        if size > 1:
-            bundle = {
-                k: v for k, v in {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"]}.items() if v
-            }
-            self.pg = placement_group([bundle] * size, strategy="PACK")
-            try:
-                ray.get(self.pg.ready(), timeout=300)
-            except ray.exceptions.GetTimeoutError as err:
-                raise RuntimeError(
-                    f"Ray could not place {size} trainer ranks of {bundle} in 300 s; lower workers.trainer.*"
-                ) from err
-            placements = [PlacementGroupSchedulingStrategy(self.pg, i) for i in range(size)]
-            addr, port = ray.get(_rendezvous.options(scheduling_strategy=placements[0]).remote())
-        self.actors = [make(i, addr, port, placements[i]) for i in range(size)]
-
-    def call(self, method: str, *args: Any) -> Any:
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
-        pending = list(refs)
-        while pending:  # as they finish: a dead rank raises at once, while its peers wait in a collective
-            done, pending = ray.wait(pending, num_returns=1)
-            ray.get(done[0])
-        return ray.get(refs[0])
-
-    def kill(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        if self.pg is not None:
-            remove_placement_group(self.pg)
-
-
-def shard(items: list, n: int) -> list[list[int]]:
-    """Indices of ``items`` split into ≤ n contiguous, non-empty shards."""
-    size = -(-len(items) // n)
-    return [list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size)]
+    rollouts: Rollouts
+    scores: Scores
+    rollout_s: float
+    reward_s: float
+    entry_ids: list[str] = field(default_factory=list)  # async: the stream entries they came from
 
 
 class Controller:
@@ -148,89 +94,90 @@ class Controller:
         self.cfg, self.run_dir = cfg, run_dir
         self.tokenizer = TextTokenizer.from_dir(tokenizer_dir or cfg.model.path)
         self.train_items, self.eval_items = load_prompts(cfg.data, cfg.run.seed)
-        w, as_dict = cfg.workers, cfg.model_dump(mode="json")
-        opts = lambda r: {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
+        w, config = cfg.workers, cfg.model_dump(mode="json")
         self.make_trainer = lambda: TrainerGroup(
-            lambda rank, addr, port, placement: (
-                ray.remote(TrainerWorker)
-                .options(**opts(w.trainer), scheduling_strategy=placement)
-                .remote(as_dict, w.trainer.threads, rank, addr, port)
-            ),
-            w.trainer.num,
-            opts(w.trainer),
+            config, w.trainer.num, w.trainer.num_cpus, w.trainer.num_gpus, w.trainer.threads
         )
         self.trainer, self.trainer_restarts = self.make_trainer(), 0
         self.weight_refs, self.version = [], 0
         # The rollout and reward pools are used by the loop and, in async mode, by the producer thread.
         self.workers_lock = threading.RLock()
-        self.rollout = Pool(
-            "rollout",
-            lambda: (
-                ray.remote(RolloutWorker)
-                .options(**opts(w.rollout))
-                .remote(as_dict, tokenizer_dir, w.rollout.threads)
-            ),
+        rollout = ray.remote(RolloutWorker).options(num_cpus=w.rollout.num_cpus, num_gpus=w.rollout.num_gpus)
+        self.rollout = RolloutPool(
+            lambda: rollout.remote(config, tokenizer_dir, w.rollout.threads),
             w.rollout.num,
             w.max_restarts,
-            self._send_weights,
+            self.send_weights,
         )
-        self.rewards = Pool(
-            "reward",
-            lambda: ray.remote(RewardWorker).options(**opts(w.reward)).remote(cfg.rewards.model_dump()),
-            w.reward.num,
-            w.max_restarts,
+        reward = ray.remote(RewardWorker).options(num_cpus=w.reward.num_cpus, num_gpus=w.reward.num_gpus)
+        self.rewards = RewardPool(
+            lambda: reward.remote(cfg.rewards.model_dump()), w.reward.num, w.max_restarts
         )
-        self.log = RunLog(run_dir, wandb=cfg.wandb, config=as_dict)
+        self.log = RunLog(run_dir, wandb=cfg.wandb, config=config)
         self._encoded: dict[str, list[int]] = {}
         self.source: AsyncRollout | None = None
 
-    # -- the loop: one screen -------------------------------------------------------------------------------
     def run(
-        self, start_step: int, should_stop: Callable[[], bool], on_step: Callable[[int, dict], None]
+        self, resume: bool, should_stop: Callable[[], bool], progress: ProgressHooks | None = None
     ) -> int:
-        cfg, step = self.cfg, start_step
+        """Resume from the latest checkpoint (``resume``) or warm start, then RL steps until ``run.steps`` or
+        ``should_stop()``; the steps done are checkpointed. Returns the next step."""
+        cfg, progress = self.cfg, progress or ProgressHooks()
+        step, ckpt = 0, latest_checkpoint(self.run_dir / CHECKPOINTS) if resume else None
+        if ckpt is not None:  # resume: the trainer's state, and the step after the checkpoint
+            step = self.trainer.load_checkpoint(str(ckpt))["next_step"]
+            progress.resumed(ckpt, step)
+        elif cfg.run.warm_start_steps:  # supervised, on the training prompts' reference answers
+            for k in range(cfg.run.warm_start_steps):
+                metrics = self.trainer.sft_step(self.warm_start_samples(k), cfg.run.warm_start_lr)
+                progress.warm_start(k, metrics)
+            self.trainer.finish_warm_start()
+        self.push_weights()
+        if ckpt is None and cfg.run.warm_start_steps:
+            self.log.log_metrics(0, self.evaluate())  # line 0: the warm-started policy
+            self.checkpoint(-1)  # a crash from here on never repeats the warm start
         if cfg.run.mode == "async":
-            self.source = self.start_async(start_step)
+            self.source = self.start_async(step)
         while step < cfg.run.steps:
             t0 = time.perf_counter()
             prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
             if self.source is None:  # sync: rollout and reward workers sample this step now
-                groups, entry_ids = self.sample(step)[0], []
+                samples = self.sample(prompts, step)
             else:  # async: the producer sampled it ahead, with weights ≤ max_staleness versions old
-                groups, entry_ids = self.source.take(step)
+                samples = self.take(prompts, step)
             t1 = time.perf_counter()
-            batch, info = self.build_batch(prompts, groups)  # advantages: trainer
-            try:
-                logged = self.trainer_logprobs(batch, cfg.run.rollouts_logged)  # π_old of logged rows
-                train = self.trainer.call("train_step", batch)  # trainer worker
+            metrics = self.sample_metrics(prompts, samples)  # staleness: against the weights that sampled
+            logged = [i * cfg.rollout.sampling.n for i in range(min(cfg.run.rollouts_logged, len(prompts)))]
+            try:  # every trainer rank reads the samples from the rollout workers' refs
+                train, probes = self.trainer.train_step(samples.rollouts.refs, samples.scores, logged)
             except ray.exceptions.RayActorError:
                 step = self.replace_trainer()  # from the latest checkpoint; its steps are trained again
                 continue
             t2 = time.perf_counter()
             self.push_weights()  # new policy version
             if self.source is not None:
-                self.source.trained(step + 1, entry_ids)
+                self.source.trained(step + 1, samples.entry_ids)
             t3 = time.perf_counter()
-            metrics = {**info, **{f"train/{k}": v for k, v in train.items()}, **self.key_metrics(train, info)}
+            metrics.update(self.train_metrics(train))
             if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                 metrics.update(self.evaluate())
             if cfg.run.checkpoint_every and (step + 1) % cfg.run.checkpoint_every == 0:
                 self.checkpoint(step)
-            metrics.update(self.step_metrics(groups, info, t0, t1, t2, t3))
+            metrics.update(self.step_metrics(samples, metrics, t0, t1, t2, t3))
+            metrics.update(self.rewards.take_metrics())  # reward calls since the last step
             # metrics.jsonl counts optimizer updates: line k is the state after k RL steps (0: warm start)
             self.log.log_metrics(step + 1, metrics)
-            self.log.log_rollouts(step + 1, self.rollout_records(prompts, groups, batch, logged))
+            self.log.log_rollouts(step + 1, self.rollout_records(prompts, samples, probes))
             self.log.write_dashboard()
-            on_step(step, metrics)
+            progress.step(step, metrics)
             step += 1
-            if should_stop() and step < cfg.run.steps:
-                self.checkpoint(step - 1)
-                return step
-        return cfg.run.steps
+            if should_stop():
+                break
+        self.checkpoint(step - 1)  # at the end, and on a stop: every step trained so far
+        return step
 
-    # -- the pieces -------------------------------------------------------------------------------------------
     def encode(self, prompts: list[PromptItem]) -> list[list[int]]:
-        """Prompt token ids, memoised by prompt id: each step needs them for rollout and again for the batch."""
+        """Prompt token ids, memoised by prompt id: the prompts recur every epoch."""
         for p in prompts:
             if p.id not in self._encoded:
                 text = self.cfg.data.prompt_template.format(question=p.question)
@@ -238,116 +185,73 @@ class Controller:
                 self._encoded[p.id] = self.tokenizer.encode_prompt(chat)
         return [self._encoded[p.id] for p in prompts]
 
-    def sample(self, step: int) -> tuple[list[list[dict]], int]:
-        """Rollout and reward for one step's prompts: groups of scored samples as plain (JSON-able) dicts,
-        and the policy version that generated them."""
-        prompts = step_prompts(self.train_items, step, self.cfg.data.prompts_per_step, self.cfg.run.seed)
-        with self.workers_lock:
-            t0 = time.perf_counter()
-            groups = self.generate(prompts, step, self.cfg.rollout.sampling.model_dump())
-            t1 = time.perf_counter()
-            scored = self.score(prompts, groups)
-            t2 = time.perf_counter()
-        records = [
-            [
-                {
-                    "step": step,
-                    "prompt": i,
-                    "sample": j,
-                    "tokens": s["tokens"].tolist(),
-                    "logprobs": np.asarray(
-                        s["logprobs"], np.float32
-                    ).tolist(),  # float32→float→float32: exact
-                    "text": s["text"],
-                    "version": s["version"],
-                    "score": x.score,
-                    "correct": self.is_correct(x),
-                    "reward_error": bool(x.errors),
-                    "rollout_s": t1 - t0,
-                    "reward_s": t2 - t1,
-                }
-                for j, (s, x) in enumerate(zip(g, xs, strict=True))
-            ]
-            for i, (g, xs) in enumerate(zip(groups, scored, strict=True))
-        ]
-        return records, groups[0][0]["version"]
+    def warm_start_samples(self, k: int) -> SampleGroups:
+        """Warm-start step ``k``'s prompts, each with its reference answer (and EOS) as the response."""
+        items = step_prompts(self.train_items, k, self.cfg.run.warm_start_batch_size, self.cfg.run.seed + 1)
+        eos = self.tokenizer.special_tokens.get("eos_token")
+        end = [self.tokenizer.token_to_id(eos)] if eos else []
+        answers = [self.tokenizer.encode(p.answer) + end for p in items]
+        return SampleGroups.pack(
+            self.encode(items), answers, [torch.zeros(len(a)) for a in answers], [0] * len(items)
+        )
 
-    def generate(self, prompts: list[PromptItem], step: int, sampling: dict) -> list[list[dict]]:
-        ids = self.encode(prompts)
+    def generate(self, prompts: list[PromptItem], step: int, sampling: dict, texts: int = 0) -> Rollouts:
         indices = [step * len(prompts) + i for i in range(len(prompts))]  # seeds: same prompt, same samples
         if sampling.get("seed") is None:  # a run is reproducible from run.seed unless sampling.seed is set
             sampling = {**sampling, "seed": self.cfg.run.seed}
-        shards = shard(prompts, self.rollout.size)
-        out = self.rollout.map(
-            "generate", [([ids[i] for i in s], [indices[i] for i in s], sampling) for s in shards]
-        )
-        return [group for part in out for group in part]
+        return self.rollout.generate(self.encode(prompts), indices, sampling, texts)
 
-    def score(self, prompts: list[PromptItem], groups: list[list[dict]]) -> list[list[Any]]:
-        samples = [
-            [
-                RewardSample(
-                    prompt=p.question,
-                    response=s["text"],
-                    response_tokens=s["tokens"].tolist(),
-                    label=p.answer,
-                    metadata={"group_id": p.id},
-                )
-                for s in g
-            ]
-            for p, g in zip(prompts, groups)
-        ]
-        shards = shard(samples, self.rewards.size)
-        out = self.rewards.map("score", [([x for i in s for x in samples[i]],) for s in shards])
-        flat = [r for part in out for r in part]
-        n = [len(g) for g in groups]
-        return [flat[sum(n[:i]) : sum(n[: i + 1])] for i in range(len(groups))]
+    def sample(self, prompts: list[PromptItem], step: int) -> StepSamples:
+        """Rollout and reward for one step's prompts."""
+        with self.workers_lock:
+            t0 = time.perf_counter()
+            rollouts = self.generate(
+                prompts, step, self.cfg.rollout.sampling.model_dump(), self.cfg.run.rollouts_logged
+            )
+            t1 = time.perf_counter()
+            scores = self.rewards.score(rollouts, prompts)
+            t2 = time.perf_counter()
+        return StepSamples(rollouts, scores, t1 - t0, t2 - t1)
 
-    def build_batch(self, prompts: list[PromptItem], groups: list[list[dict]]) -> tuple[TrainBatch, dict]:
-        ids = self.encode(prompts)
-        rows = [(ids[i], s) for i, g in enumerate(groups) for s in g]
-        T = max(len(p) + len(s["tokens"]) for p, s in rows)
-        B = len(rows)
-        input_ids = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
-        rollout_logp = torch.zeros(B, T)
-        for b, (p, s) in enumerate(rows):
-            r = torch.tensor(s["tokens"], dtype=torch.long)
-            input_ids[b, : len(p)], input_ids[b, len(p) : len(p) + len(r)] = torch.tensor(p), r
-            mask[b, len(p) - 1 : len(p) - 1 + len(r)] = True  # position t predicts token t + 1
-            rollout_logp[b, len(p) - 1 : len(p) - 1 + len(r)] = torch.tensor(s["logprobs"])
-        rewards = torch.tensor([s["score"] for _, s in rows], dtype=torch.float32)
-        correct = torch.tensor([float(s["correct"]) for _, s in rows])
-        versions = [s["version"] for _, s in rows]
-        batch = TrainBatch(
-            input_ids,
-            mask,
-            rollout_logp,
-            group_size=len(groups[0]),
-            rewards_B=rewards,
-            correctness_B=correct,
-            policy_version=min(versions),
+    def produce(self, step: int) -> tuple[list[dict], int]:
+        """Async mode's producer: step ``step`` sampled and scored, as stream records, and its policy version."""
+        prompts = step_prompts(self.train_items, step, self.cfg.data.prompts_per_step, self.cfg.run.seed)
+        s = self.sample(prompts, step)
+        parts = ray.get(s.rollouts.refs)  # the stream holds the samples themselves
+        records = to_records(
+            parts, s.scores.rewards, s.scores.correct, s.scores.errors, step, s.rollout_s, s.reward_s
         )
-        info = {
+        return records, s.rollouts.summary.min_version
+
+    def take(self, prompts: list[PromptItem], step: int) -> StepSamples:
+        """Async mode: step ``step``'s samples from the stream, put in the object store once for the trainer."""
+        records, entry_ids = self.source.take(step)
+        samples, rewards, correct, errors = from_records(records, self.encode(prompts))
+        summary = RolloutSummary.of(samples, self.cfg.run.rollouts_logged)
+        rollouts = Rollouts([ray.put(samples)], [list(range(len(prompts)))], summary)
+        first = records[0]
+        return StepSamples(
+            rollouts, Scores(rewards, correct, errors), first["rollout_s"], first["reward_s"], entry_ids
+        )
+
+    def sample_metrics(self, prompts: list[PromptItem], samples: StepSamples) -> dict[str, float]:
+        s, n = samples.rollouts.summary, self.cfg.rollout.sampling.n
+        rewards = torch.tensor(samples.scores.rewards, dtype=torch.float32)
+        return {
             "prompts/issued": len(prompts),
-            "prompts/scored": len(groups),
-            "samples/scored": B,
-            "samples/staleness_max": self.version - min(versions),
+            "prompts/scored": len(samples.scores.rewards) // n,
+            "samples/scored": len(samples.scores.rewards),
+            "samples/staleness_max": self.version - s.min_version,
             "reward/mean": rewards.mean().item(),
-            "accuracy/train": correct.mean().item(),
-            "response/length_mean": mask.sum(1).float().mean().item(),
-            "response/tokens": mask.sum().item(),
-            "reward/errors": sum(s["reward_error"] for _, s in rows),
+            "accuracy/train": torch.tensor([float(c) for c in samples.scores.correct]).mean().item(),
+            "response/length_mean": torch.tensor(s.response_lengths).float().mean().item(),
+            "response/tokens": s.response_tokens,
+            "reward/errors": sum(samples.scores.errors),
         }
-        return batch, info
 
     @staticmethod
-    def is_correct(scored) -> bool:
-        verdicts = [r.verdict for r in scored.components.values() if r.verdict is not None]
-        return bool(verdicts) and all(v == "correct" for v in verdicts)
-
-    def key_metrics(self, train: dict, info: dict) -> dict[str, float]:
-        """The dashboard's canonical names for what the trainer reports."""
+    def train_metrics(train: dict[str, float]) -> dict[str, float]:
+        """The trainer's metrics under ``train/``, and the dashboard's canonical names for the main ones."""
         names = {
             "mismatch/max_abs_dlogp": "max_abs_dlogp",
             "mismatch/kl": "mismatch_kl",
@@ -356,44 +260,61 @@ class Controller:
             "icepop/masked_fraction": "icepop_masked_fraction",
             "throughput/train_tokens_per_s": "tokens_per_s",
         }
-        return {k: train[v] for k, v in names.items() if v in train}
+        return {
+            **{f"train/{k}": v for k, v in train.items()},
+            **{k: train[v] for k, v in names.items() if v in train},
+        }
 
-    def step_metrics(self, groups, info, t0: float, t1: float, t2: float, t3: float) -> dict[str, float]:
-        first = groups[0][0]
-        metrics = {
-            "time/rollout_s": first["rollout_s"],
-            "time/reward_s": first["reward_s"],
+    def step_metrics(
+        self, samples: StepSamples, metrics: dict, t0: float, t1: float, t2: float, t3: float
+    ) -> dict[str, float]:
+        now = time.perf_counter()
+        out = {
+            "time/rollout_s": samples.rollout_s,
+            "time/reward_s": samples.reward_s,
             "time/train_s": t2 - t1,
             "time/weight_sync_s": t3 - t2,
-            "time/checkpoint_s": time.perf_counter() - t3,
-            "throughput/rollout_tokens_per_s": info["response/tokens"] / max(first["rollout_s"], 1e-9),
+            "time/checkpoint_s": now - t3,  # with the evaluation, when there is one
+            "time/step_s": now - t0,
+            "throughput/rollout_tokens_per_s": metrics["response/tokens"] / max(samples.rollout_s, 1e-9),
             "faults/rollout_restarts": self.rollout.restarts,
             "faults/reward_restarts": self.rewards.restarts,
             "faults/trainer_restarts": self.trainer_restarts,
         }
         if self.source is not None:  # async: the loop waited this long for the producer (0: fully overlapped)
-            metrics["time/wait_s"] = t1 - t0
-            metrics.update(self.source.metrics())
-        return metrics
+            out["time/wait_s"] = t1 - t0
+            out.update(self.source.metrics())
+        return out
+
+    def rollout_records(self, prompts: list[PromptItem], samples: StepSamples, probes: list) -> list[dict]:
+        """The first sample of the first ``run.rollouts_logged`` prompts, with the trainer's log-probs of it
+        from the training forward (None when a filter dropped it)."""
+        n = self.cfg.rollout.sampling.n
+        return [
+            {
+                "prompt": prompts[i].question,
+                "response": samples.rollouts.summary.texts[i],
+                "reward": samples.scores.rewards[i * n],
+                "label": prompts[i].answer,
+                "mismatch": None
+                if t is None
+                else mismatch_summary(t["train_logp"], t["rollout_logp"], t["keep"]),
+            }
+            for i, t in enumerate(probes)
+        ]
 
     def push_weights(self) -> None:
         """The trainer's weights to every rollout worker as a new policy version, streamed bucket by bucket
         (``trainer.weight_sync_bucket_mb``): a large model is never gathered whole in one message."""
-        max_bytes = self.cfg.trainer.weight_sync_bucket_mb << 20
         with self.workers_lock:  # never while the producer is mid-step: one step, one policy version
-            version = self.trainer.call("version")
-            streams = [
-                a.weight_buckets.options(num_returns="streaming").remote(max_bytes)
-                for a in self.trainer.actors
-            ]
+            version, buckets = self.trainer.weight_buckets(self.cfg.trainer.weight_sync_bucket_mb << 20)
             self.weight_refs, self.version = [], version
-            for ref in streams[0]:
+            for ref in buckets:
                 self.weight_refs.append(ref)  # kept for a replacement rollout worker
-                ray.get([a.update_weights.remote(ref, version) for a in self.rollout.actors])
-            for stream in streams[1:]:  # the other ranks yield nothing; this surfaces their errors
-                ray.get(list(stream))
+                self.rollout.update_weights(ref, version)
 
-    def _send_weights(self, actor) -> None:
+    def send_weights(self, actor: Any) -> None:
+        """The current weights to a replacement rollout worker."""
         for ref in self.weight_refs:
             ray.get(actor.update_weights.remote(ref, self.version))
 
@@ -401,42 +322,17 @@ class Controller:
         items = self.eval_items[: self.cfg.data.eval_prompts]
         greedy = {**self.cfg.rollout.sampling.model_dump(), "n": 1, "greedy": True, "temperature": 0.0}
         with self.workers_lock:
-            groups = self.generate(items, 0, greedy)
-            scored = self.score(items, groups)
-        flat = [x for g in scored for x in g]
+            scores = self.rewards.score(self.generate(items, 0, greedy), items)
         return {
-            "accuracy/eval": sum(map(self.is_correct, flat)) / len(flat),
-            "reward/eval_mean": sum(x.score for x in flat) / len(flat),
+            "accuracy/eval": sum(scores.correct) / len(scores.correct),
+            "reward/eval_mean": sum(scores.rewards) / len(scores.rewards),
         }
 
-    def warm_start(self, steps: int, batch_size: int, on_step: Callable[[int, dict], None]) -> None:
-        eos = self.tokenizer.special_tokens.get("eos_token")
-        eos_id = self.tokenizer.token_to_id(eos) if eos else None
-        for k in range(steps):
-            items = step_prompts(self.train_items, k, batch_size, self.cfg.run.seed + 1)
-            prompts = self.encode(items)
-            answers = [
-                self.tokenizer.encode(p.answer) + ([eos_id] if eos_id is not None else []) for p in items
-            ]
-            T = max(len(p) + len(a) for p, a in zip(prompts, answers))
-            ids = torch.zeros(len(items), T, dtype=torch.long)
-            mask = torch.zeros(len(items), T, dtype=torch.bool)
-            for b, (p, a) in enumerate(zip(prompts, answers)):
-                ids[b, : len(p) + len(a)] = torch.tensor(p + a)
-                mask[b, len(p) - 1 : len(p) - 1 + len(a)] = True
-            on_step(k, self.trainer.call("sft_step", ids, mask, self.cfg.run.warm_start_lr))
-        self.trainer.call("finish_warm_start")
-
-    def checkpoint(self, step: int) -> str:
+    def checkpoint(self, step: int) -> None:
         """Commit every step up to ``step`` (-1: the warm start); async mode acks their samples after it."""
-        path = self.trainer.call("save_checkpoint", str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
+        self.trainer.save_checkpoint(str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
         if self.source is not None:
             self.source.commit()
-        return path
-
-    def restore(self, path: str) -> int:
-        position = self.trainer.call("load_checkpoint", path)
-        return int(position["next_step"])
 
     def replace_trainer(self) -> int:
         """A dead trainer is replaced from the latest checkpoint; returns the step to continue from."""
@@ -450,7 +346,7 @@ class Controller:
         # No checkpoint yet: a new trainer holds the initial weights, the state before step 0 (a warm start,
         # when there is one, always ends with a checkpoint).
         ckpt = latest_checkpoint(self.run_dir / CHECKPOINTS)
-        step = self.restore(str(ckpt)) if ckpt is not None else 0
+        step = self.trainer.load_checkpoint(str(ckpt))["next_step"] if ckpt is not None else 0
         self.push_weights()
         if (
             self.source is not None
@@ -464,9 +360,7 @@ class Controller:
         if redis_cfg.url is not None:
             redis_cfg = redis_cfg.model_copy(update={"stream": f"{redis_cfg.stream}:{self.run_dir.name}"})
         stream = ExperienceStream.connect(redis_cfg, self.run_dir)
-        source = AsyncRollout(
-            stream, self.sample, self.cfg.run.steps, self.cfg.rollout.sampling.n, self.cfg.run.max_staleness
-        )
+        source = AsyncRollout(stream, self.produce, self.cfg.run.steps, self.cfg.run.max_staleness)
         source.start(start_step)
         return source
 
@@ -475,34 +369,3 @@ class Controller:
             self.source.close()
             self.source = None
         self.log.close()
-
-    def trainer_logprobs(self, batch: TrainBatch, groups: int) -> torch.Tensor:
-        """The trainer's log-probs (before its update) of the first sample of the first ``groups`` groups."""
-        rows = torch.arange(min(groups, batch.batch_size // batch.group_size)) * batch.group_size
-        probe = TrainBatch(
-            batch.input_ids_BT[rows],
-            batch.response_mask_BT[rows],
-            batch.rollout_logp_BT[rows],
-            group_size=1,
-            advantages_BT=torch.zeros(len(rows), batch.input_ids_BT.shape[1]),
-        )
-        return self.trainer.call("compute_logprobs", probe)[0]
-
-    def rollout_records(
-        self, prompts: list[PromptItem], groups: list[list[dict]], batch: TrainBatch, train_logp: torch.Tensor
-    ) -> list[dict]:
-        records = []
-        for i, row in enumerate(train_logp):
-            b = i * batch.group_size
-            mask = batch.response_mask_BT[b]
-            s = groups[i][0]
-            records.append(
-                {
-                    "prompt": prompts[i].question,
-                    "response": s["text"],
-                    "reward": s["score"],
-                    "label": prompts[i].answer,
-                    "mismatch": mismatch_summary(row[mask].tolist(), batch.rollout_logp_BT[b][mask].tolist()),
-                }
-            )
-        return records

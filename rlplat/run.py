@@ -117,8 +117,7 @@ def _new_run_dir(cfg: ExperimentConfig) -> Path:
 
 def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
     from actors.cluster import init_ray
-    from rlplat.controller import CHECKPOINTS, Controller
-    from rlplat.train.checkpoint import latest_checkpoint
+    from rlplat.controller import Controller, ProgressHooks
 
     stop = {"requested": False}
 
@@ -134,47 +133,42 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
         check_resources(cfg)
         controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
         try:
-            start = 0
-            ckpt = latest_checkpoint(run_dir / CHECKPOINTS) if resume else None
-            with Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeElapsedColumn(),
-                console=console,
-            ) as bar:
-                if ckpt is not None:
-                    start = controller.restore(str(ckpt))
-                    console.print(f"resumed from {ckpt} at step {start}")
-                elif cfg.run.warm_start_steps:
-                    task = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="")
-                    controller.warm_start(
-                        cfg.run.warm_start_steps,
-                        cfg.run.warm_start_batch_size,
-                        lambda k, m: bar.update(task, advance=1, status=f"nll {m['nll']:.3f}"),
-                    )
-                    controller.push_weights()
-                    controller.log.log_metrics(0, controller.evaluate())  # step 0: the warm-started policy
-                    controller.checkpoint(-1)  # a crash from here on never repeats the warm start
-                controller.push_weights()
-                task = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, completed=start, status="")
+            with _progress_bar() as bar:
+                warm = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="", visible=False)
+                rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
+
+                def resumed(checkpoint: Path, step: int) -> None:
+                    console.print(f"resumed from {checkpoint} at step {step}")
+                    bar.update(rl, completed=step)
+
+                def warm_start(k: int, m: dict) -> None:
+                    bar.update(warm, completed=k + 1, status=f"nll {m['nll']:.3f}", visible=True)
 
                 def on_step(step: int, m: dict) -> None:
                     status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
                     if "accuracy/eval" in m:
                         status += f" eval {m['accuracy/eval']:.2f}"
-                    bar.update(task, completed=step + 1, status=status)
+                    bar.update(rl, completed=step + 1, status=status)
 
-                end = controller.run(start, lambda: stop["requested"], on_step)
-                if end >= cfg.run.steps:
-                    controller.checkpoint(end - 1)
+                hooks = ProgressHooks(resumed, warm_start, on_step)
+                end = controller.run(resume, lambda: stop["requested"], hooks)
         finally:
             controller.close()  # the producer thread and the embedded Redis too, on any exit
         console.print(f"run directory: {run_dir}")
         return 130 if stop["requested"] and end < cfg.run.steps else 0
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -385,6 +385,7 @@ def redis_server_url(tmp_path):
 
 
 SMALL_STEPS = [
+    "run.warm_start_steps=0",
     "run.eval_every=0",
     "data.prompts_per_step=4",
     "rollout.sampling.n=4",
@@ -399,7 +400,7 @@ def run_controller():
     the Controller in ``run_dir``; returns (controller, [(step, metrics)]). ``on_step(controller, step)`` runs
     after each step (e.g. to kill a worker). Needs a Ray instance (the ``local_ray`` fixtures)."""
     from rlplat.config import load_config
-    from rlplat.controller import Controller
+    from rlplat.controller import Controller, ProgressHooks
     from rlplat.run import tokenizer_dir
 
     def run(run_dir, overrides, on_step=lambda controller, step: None):
@@ -412,8 +413,7 @@ def run_controller():
             on_step(controller, step)
 
         try:
-            controller.push_weights()
-            assert controller.run(0, lambda: False, record) == cfg.run.steps
+            assert controller.run(False, lambda: False, ProgressHooks(step=record)) == cfg.run.steps
         finally:
             controller.trainer.kill()
             controller.close()

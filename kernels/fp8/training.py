@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels.fp8 import reference
+import kernels.fp8.reference as reference
 from kernels.fp8.reference import ACT_BLOCK, WEIGHT_BLOCK
 
 

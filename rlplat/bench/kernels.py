@@ -140,7 +140,7 @@ def in_mode(settings: Settings, invariant: bool, fn: Callable[[], Any]) -> Calla
     return call
 
 
-# --- peak memory --------------------------------------------------------------------------------------------
+# Peak memory
 def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -197,7 +197,7 @@ def _in_fresh_process(fn: Callable, args: tuple) -> Any:
                 os.environ[k] = v
 
 
-# --- correctness gate ---------------------------------------------------------------------------------------
+# Correctness gate
 @torch.no_grad()
 def check_op(settings: Settings, op: str, dtype: torch.dtype) -> dict[str, Any]:
     """Invariant rows: one call == one token at a time (bitwise); fp32 plain ≈ invariant (1e-4 relative)."""
@@ -248,7 +248,7 @@ def _token_by_token(op: str, x: dict[str, Any]) -> torch.Tensor:
     return torch.cat(outs, 1)
 
 
-# --- the measurements ---------------------------------------------------------------------------------------
+# The measurements
 def bench_fwd_bwd(settings: Settings, log: Callable[[str], None]) -> list[dict]:
     rows = []
     have_fla = settings.device == "cuda" and _fla_available()

@@ -206,7 +206,7 @@ def _decode_row(name, backend, L, k, one, more) -> dict[str, Any]:
     }
 
 
-# --- transformers reference ---------------------------------------------------------------------------------
+# Transformers reference
 def llama_config(name: str):
     """A dense Llama with the preset's vocabulary, width, depth and heads, MLP sized to its active count."""
     from transformers import LlamaConfig
@@ -299,7 +299,7 @@ class _Tokens:
     tokens: list[int]
 
 
-# --- vLLM (in a subprocess) -----------------------------------------------------------------------------------
+# VLLM (in a subprocess)
 def bench_vllm(name: str, model, settings: Settings, log) -> dict[str, Any]:
     from rlplat.engine.vllm_backend import save_policy_dir
 
@@ -376,7 +376,7 @@ def _vllm_worker(spec_path: str, out_path: str) -> None:
     backend.close()
 
 
-# --- the run ----------------------------------------------------------------------------------------------------
+# The run
 def run(settings: Settings, out_dir: str | Path, console: Console | None = None) -> Path:
     """Check, time, write the result file and print the table; raises CorrectnessError before reporting."""
     console = console or Console()

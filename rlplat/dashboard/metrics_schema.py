@@ -14,8 +14,9 @@ A run directory holds:
   steps (line 0: the starting, e.g. warm-started, policy). Keys are the constants below; a metric the loop does
   not compute is simply absent, and its chart says why: "off in this run" when config.yaml turns its feature
   off, "no data yet" before the first RL step, "not recorded by this run" after it. Extra keys are allowed
-  (they appear in the page's "all metrics" table). Metrics logged on some steps only (``accuracy/eval`` every
-  ``eval_every`` steps) are absent on the others. If a step appears twice (a resumed run redid it), the later
+  (they appear in the page's "all metrics" table). ``reward/<term>/{calls,errors,timeouts,latency_mean_s,
+  latency_max_s,score_mean}`` count the reward workers' calls since the previous line. Metrics logged on
+  some steps only (``accuracy/eval`` every ``eval_every`` steps) are absent on the others. If a step appears twice (a resumed run redid it), the later
   line wins. A line cut short by a crash is skipped by the reader and noted on the page.
 - ``rollouts.jsonl``: sampled rollouts, one JSON object per rollout, appended per step (``response`` is the
   decoded text; the page shows an empty one as ∅ and marks special tokens, whitespace and control characters
@@ -81,6 +82,11 @@ REWARD_ERRORS = "reward/errors"  # samples of the step whose reward raised or ti
 REWARD_TERM_MEAN = "reward/{term}_mean"
 STREAM_UNDELIVERED = "stream/undelivered"  # async mode: entries published, not yet read
 STREAM_PENDING = "stream/pending"  # async mode: read, not yet acked by a checkpoint
+# the reward workers' calls since the previous line, over every reward term (per term: reward/<term>/...)
+REWARD_CALL_ERRORS = "reward/call_errors"
+REWARD_TIMEOUTS = "reward/timeouts"
+REWARD_LATENCY_MEAN = "reward/latency_mean_s"
+REWARD_LATENCY_MAX = "reward/latency_max_s"
 
 # Keys of a rollout record and of its ``mismatch`` summary.
 ROLLOUT_KEYS = ("step", "prompt", "response", "reward", "mismatch")
@@ -182,6 +188,18 @@ CHARTS: tuple[Chart, ...] = (
         "share of tokens masked",
         (Series(ICEPOP_MASKED_FRACTION, "masked fraction"),),
         switch=ICEPOP,
+    ),
+    Chart(
+        "reward_failures",
+        "Reward calls that failed",
+        "calls per step",
+        (Series(REWARD_TIMEOUTS, "timed out"), Series(REWARD_CALL_ERRORS, "raised or returned an error")),
+    ),
+    Chart(
+        "reward_latency",
+        "Reward latency",
+        "seconds per call",
+        (Series(REWARD_LATENCY_MEAN, "mean"), Series(REWARD_LATENCY_MAX, "max")),
     ),
     Chart("entropy", "Entropy", "mean token entropy (nats)", (Series(ENTROPY_MEAN, "entropy"),)),
     Chart("response_length", "Response length", "tokens", (Series(RESPONSE_LENGTH_MEAN, "mean length"),)),

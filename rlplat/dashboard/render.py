@@ -27,7 +27,7 @@ import jinja2
 import yaml
 from markupsafe import Markup
 
-from rlplat.dashboard import metrics_schema as ms
+import rlplat.dashboard.metrics_schema as ms
 
 MAX_ROLLOUTS = 50
 # Headline numbers shown at the top of the page.

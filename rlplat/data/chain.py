@@ -44,7 +44,9 @@ def all_problems(max_operand: int, min_terms: int, max_terms: int) -> list[Probl
             "many to enumerate; lower data.max_operand or data.chain_terms"
         )
     values = range(max_operand + 1)
-    return [solve(ops) for n in range(min_terms, max_terms + 1) for ops in itertools.product(values, repeat=n)]
+    return [
+        solve(ops) for n in range(min_terms, max_terms + 1) for ops in itertools.product(values, repeat=n)
+    ]
 
 
 def split(

@@ -6,10 +6,11 @@ builds the model the same way for rollout and trainer; ``check_alignment`` (alig
 rollout–trainer log-prob mismatch.
 """
 
-from rlplat.engine.backend import FinishReason, RolloutBackend, Sample, make_backend
+from rlplat.engine.backend import RolloutBackend, make_backend
 from rlplat.engine.config import AlignmentConfig, RolloutConfig, SamplingParams
 from rlplat.engine.engine import NativeEngine, sample_token
 from rlplat.engine.policy import build_policy
+from rlplat.engine.sample import FinishReason, Sample
 
 __all__ = [
     "AlignmentConfig",

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from rlplat.algos.ratios import MAX_LOG_RATIO
-from rlplat.engine.backend import RolloutBackend, Sample
+from rlplat.engine.backend import RolloutBackend
 from rlplat.engine.config import AlignmentConfig, SamplingParams
+from rlplat.engine.sample import Sample
 from rlplat.models import RingLinearForCausalLM
 
 

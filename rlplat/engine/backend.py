@@ -2,45 +2,23 @@
 
 A backend turns token-id prompts into ``Sample``s (``generate``), takes new weights between generations
 (``update_weights``), says which policy version it serves (``version``) and how it is doing (``health``).
-``make_backend`` picks one from ``rollout.backend``.
+``make_backend`` picks one from ``rollout.backend``. The backends import only the ``Sample`` type
+(``rlplat.engine.sample``), so this module sits above them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from rlplat.engine.config import RolloutConfig, SamplingParams
+from rlplat.engine.sample import Sample
 
 if TYPE_CHECKING:
     from rlplat.config import ExperimentConfig
     from rlplat.models import RingLinearForCausalLM
-
-FinishReason = Literal["eos", "stop", "length"]
-
-
-@dataclass
-class Sample:
-    """One response. ``logprobs[i]`` is the log-prob of ``tokens[i]`` under the policy the trainer will use
-    (softmax of logits / temperature over the whole vocabulary, no top-k/top-p truncation), fp32.
-
-    finish_reason: ``eos`` (the model's EOS token, kept as the last token), ``stop`` (a stop token, kept, or a
-    stop string, contained in ``text``; ``stop_reason`` says which) or ``length`` (max_new_tokens or the
-    context length).
-    """
-
-    prompt_index: int
-    sample_index: int
-    prompt_tokens: list[int]
-    tokens: list[int]
-    logprobs: torch.Tensor
-    finish_reason: FinishReason
-    version: int
-    stop_reason: int | str | None = None
-    text: str | None = None
 
 
 @runtime_checkable

@@ -31,8 +31,8 @@ import torch
 
 from kernels.lm_head import lm_head_logits, lm_head_logprobs
 from rlplat.data.tokenizers import TextTokenizer
-from rlplat.engine.backend import FinishReason, Sample
 from rlplat.engine.config import SamplingParams, per_prompt
+from rlplat.engine.sample import FinishReason, Sample
 from rlplat.models import ModelCache, RingLinearForCausalLM, precision_of
 
 
@@ -106,7 +106,7 @@ class NativeEngine:
         self._stats = {"requests": 0, "rejected": 0, "tokens": 0, "steps": 0}
         self._last_error: str | None = None
 
-    # --- the backend interface ------------------------------------------------------------------------------
+    # The backend interface
     @property
     def version(self) -> int:
         return self._version
@@ -197,7 +197,7 @@ class NativeEngine:
             "last_error": self._last_error,
         }
 
-    # --- text in / text out ---------------------------------------------------------------------------------
+    # Text in / text out
     def encode_prompt(self, prompt: str | Sequence[dict[str, str]]) -> list[int]:
         """Token ids of a text prompt, or of a chat (list of messages) rendered with the chat template."""
         return self._require_tokenizer().encode_prompt(prompt)
@@ -217,7 +217,7 @@ class NativeEngine:
                 raise _with_prefix(err, f"prompt {i}") from None
         return self.generate(encoded, sampling, prompt_indices)
 
-    # --- the serving loop -----------------------------------------------------------------------------------
+    # The serving loop
     def add_request(
         self, prompt: Sequence[int], sampling: SamplingParams | None = None, prompt_index: int = 0
     ) -> int:
@@ -264,7 +264,7 @@ class NativeEngine:
         self._stats["steps"] += 1
         return finished
 
-    # --- internals ------------------------------------------------------------------------------------------
+    # Internals
     def _admit_request(self, prompt: list[int], sampling: SamplingParams, prompt_index: int) -> int:
         seed = sampling.seed if sampling.seed is not None else secrets.randbits(63)
         request = _Request(self._next_id, prompt, prompt_index, sampling, seed, [None] * sampling.n)
@@ -387,7 +387,7 @@ class NativeEngine:
             self._requests.pop(s.request.id, None)
         self._running, self._waiting, self._cache = [], deque(), None
 
-    # --- validation -----------------------------------------------------------------------------------------
+    # Validation
     def _per_prompt(self, sampling, count: int) -> list[SamplingParams | dict]:
         return per_prompt(sampling, count, self.default_sampling)
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlplat.engine.backend import FinishReason, Sample
 from rlplat.engine.config import SamplingParams, VLLMSettings, per_prompt
+from rlplat.engine.sample import FinishReason, Sample
 
 if TYPE_CHECKING:
     from rlplat.config import ExperimentConfig
@@ -170,7 +170,7 @@ class VLLMBackend:
         backend._tmp = tmp  # the checkpoint lives as long as the backend
         return backend
 
-    # --- the backend interface ------------------------------------------------------------------------------
+    # The backend interface
     @property
     def version(self) -> int:
         return self._version
@@ -257,7 +257,7 @@ class VLLMBackend:
             tmp.cleanup()
             self._tmp = None
 
-    # --- helpers --------------------------------------------------------------------------------------------
+    # Helpers
     def _per_prompt(self, sampling, count: int) -> list[SamplingParams | dict]:
         return per_prompt(sampling, count, self.default_sampling)
 

@@ -3,7 +3,7 @@ exact checkpoints and checkpoint merging (see ``trainer.py`` for the step, ``che
 
 from rlplat.train.batch import TrainBatch
 from rlplat.train.checkpoint import (
-    export_hf,
+    Checkpointable,
     latest_checkpoint,
     load_checkpoint,
     merge_checkpoints,
@@ -13,19 +13,20 @@ from rlplat.train.checkpoint import (
 from rlplat.train.config import CheckpointConfig, TrainerConfig
 from rlplat.train.dist import DataParallel, init_data_parallel
 from rlplat.train.experts import ExpertLoadCounter, expert_bias_update
-from rlplat.train.trainer import NonFiniteError, Trainer, TrainerBackend
+from rlplat.train.trainer import NonFiniteError, RowProbe, Trainer, TrainerBackend
 
 __all__ = [
     "CheckpointConfig",
+    "Checkpointable",
     "DataParallel",
     "ExpertLoadCounter",
     "NonFiniteError",
+    "RowProbe",
     "TrainBatch",
     "Trainer",
     "TrainerBackend",
     "TrainerConfig",
     "expert_bias_update",
-    "export_hf",
     "init_data_parallel",
     "latest_checkpoint",
     "load_checkpoint",

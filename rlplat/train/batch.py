@@ -1,6 +1,8 @@
-"""``TrainBatch``: what the controller hands the trainer for one optimizer step.
+"""``SampleGroups``, the compact form rollout workers return samples in, and ``TrainBatch``, the padded batch of
+one optimizer step, which each trainer rank builds from them (``TrainBatch.from_groups``).
 
-Legend: B sequences (n responses per prompt stored contiguously, rows g*n .. g*n+n-1), T positions.
+Legend: B sequences (n responses per prompt stored contiguously, rows g*n .. g*n+n-1), T positions; for
+``SampleGroups``: G prompts, S = G·n samples, P prompt tokens and R response tokens in all.
 Every [B, T] tensor is aligned with the model's output positions: position t of row b predicts token
 ``input_ids_BT[b, t + 1]``. So ``response_mask_BT[b, t]`` is 1 when that next token is a response token,
 ``rollout_logp_BT[b, t]`` is the rollout's log-prob of it, and the last column is always masked (nothing
@@ -18,9 +20,78 @@ Bad input, one policy:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+
+@dataclass
+class SampleGroups:
+    """n samples for each of G prompts, in prompt order (sample j of prompt g is sample g·n + j), packed: token
+    ids and log-probs concatenated, with their lengths, no padding. This is what travels between workers (as
+    a Ray object ref) instead of a padded batch."""
+
+    prompt_ids_P: torch.Tensor  # int64: the G prompts' token ids, concatenated
+    prompt_lengths_G: torch.Tensor  # int64, each ≥ 1
+    response_ids_R: torch.Tensor  # int64: the S responses' token ids, concatenated
+    response_logp_R: torch.Tensor  # float32: the rollout's log-prob of each response token
+    response_lengths_S: torch.Tensor  # int64
+    versions_S: torch.Tensor  # int64: policy version that generated each sample
+    texts: list[str] | None = None  # the S responses decoded (what text rewards read)
+
+    def __post_init__(self) -> None:
+        G, S = len(self.prompt_lengths_G), len(self.response_lengths_S)
+        if G == 0 or S % G or self.prompt_lengths_G.min() < 1:
+            raise ValueError(
+                f"SampleGroups needs non-empty prompts and n samples each, got {G} prompts, {S} samples"
+            )
+        if int(self.prompt_lengths_G.sum()) != len(self.prompt_ids_P):
+            raise ValueError("SampleGroups.prompt_lengths_G does not add up to prompt_ids_P")
+        R = int(self.response_lengths_S.sum())
+        if len(self.response_ids_R) != R or len(self.response_logp_R) != R:
+            raise ValueError(
+                "SampleGroups.response_lengths_S does not add up to response_ids_R / response_logp_R"
+            )
+        if len(self.versions_S) != S or (self.texts is not None and len(self.texts) != S):
+            raise ValueError(f"SampleGroups needs one version (and text) per sample, {S} samples")
+
+    @classmethod
+    def pack(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        logprobs: Sequence[torch.Tensor],
+        versions: Sequence[int],
+        texts: Sequence[str] | None = None,
+    ) -> SampleGroups:
+        """From per-prompt and per-sample lists (``len(responses)`` a multiple of ``len(prompts)``)."""
+        long = lambda xs: torch.tensor(list(xs), dtype=torch.long)
+        return cls(
+            long(t for p in prompts for t in p),
+            long(map(len, prompts)),
+            long(t for r in responses for t in r),
+            torch.cat([lp.float().reshape(-1) for lp in logprobs]) if logprobs else torch.zeros(0),
+            long(map(len, responses)),
+            long(versions),
+            None if texts is None else list(texts),
+        )
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.prompt_lengths_G)
+
+    @property
+    def group_size(self) -> int:
+        return len(self.response_lengths_S) // self.num_groups
+
+    def responses(self) -> list[list[int]]:
+        """Each sample's response token ids."""
+        return [r.tolist() for r in self.response_ids_R.split(self.response_lengths_S.tolist())]
+
+    def logprobs(self) -> list[torch.Tensor]:
+        """Each sample's rollout log-probs."""
+        return list(self.response_logp_R.split(self.response_lengths_S.tolist()))
 
 
 def _tensor(name: str, x: object) -> torch.Tensor:
@@ -101,6 +172,49 @@ class TrainBatch:
             raise ValueError(f"TrainBatch.{name} has shape {tuple(x.shape)}, expected {shape}")
         if not (x.is_floating_point() or allow_int):
             raise ValueError(f"TrainBatch.{name} must be a floating-point tensor, got {x.dtype}")
+
+    @classmethod
+    def from_groups(
+        cls,
+        parts: Sequence[SampleGroups],
+        rewards_B: torch.Tensor,
+        correctness_B: torch.Tensor | None = None,
+    ) -> TrainBatch:
+        """The padded batch of ``parts``, in order: row b is prompt + response of sample b, right-padded with 0;
+        the response mask and the rollout log-probs sit at the positions that predict the response tokens.
+        ``rewards_B`` / ``correctness_B`` (one per sample) as in the constructor; policy_version: the oldest."""
+        n = parts[0].group_size
+        if any(p.group_size != n for p in parts):
+            raise ValueError(f"TrainBatch.from_groups: every part needs group_size {n} (whole groups)")
+        prompt_ids = torch.cat([p.prompt_ids_P for p in parts])
+        prompt_len_G = torch.cat([p.prompt_lengths_G for p in parts])
+        resp_ids = torch.cat([p.response_ids_R for p in parts])
+        resp_logp = torch.cat([p.response_logp_R for p in parts]).float()
+        resp_len_B = torch.cat([p.response_lengths_S for p in parts])
+        plen_B = prompt_len_G.repeat_interleave(n)
+        pstart_B = (prompt_len_G.cumsum(0) - prompt_len_G).repeat_interleave(n)
+        rstart_B = resp_len_B.cumsum(0) - resp_len_B
+        B, T = len(resp_len_B), int((plen_B + resp_len_B).max())
+        t_BT = torch.arange(T).expand(B, T)
+        in_prompt_BT = t_BT < plen_B[:, None]
+        in_resp_BT = ~in_prompt_BT & (t_BT < (plen_B + resp_len_B)[:, None])
+        input_ids_BT = torch.zeros(B, T, dtype=torch.long)
+        input_ids_BT[in_prompt_BT] = prompt_ids[(pstart_B[:, None] + t_BT)[in_prompt_BT]]
+        input_ids_BT[in_resp_BT] = resp_ids[(rstart_B[:, None] - plen_B[:, None] + t_BT)[in_resp_BT]]
+        # position t predicts token t + 1: the response mask and log-probs are the response's, one to the left
+        mask_BT = torch.zeros(B, T, dtype=torch.bool)
+        mask_BT[:, :-1] = in_resp_BT[:, 1:]
+        rollout_logp_BT = torch.zeros(B, T)
+        rollout_logp_BT[mask_BT] = resp_logp[(rstart_B[:, None] - plen_B[:, None] + 1 + t_BT)[mask_BT]]
+        return cls(
+            input_ids_BT,
+            mask_BT,
+            rollout_logp_BT,
+            group_size=n,
+            rewards_B=rewards_B,
+            correctness_B=correctness_B,
+            policy_version=int(torch.cat([p.versions_S for p in parts]).min()),
+        )
 
     @property
     def batch_size(self) -> int:

@@ -1,12 +1,19 @@
-"""Exact, atomic trainer checkpoints, HF export, and Warmup-Stable-Merge checkpoint averaging.
+"""One checkpoint protocol for every trainer backend, and Warmup-Stable-Merge checkpoint averaging.
 
-A checkpoint is a directory ``<root>/step-<k>/`` holding ``trainer.pt`` (model, fp32 master weights and
-AdamW moments per parameter, reference model, step, version), ``rng.pt`` (torch CPU, CUDA, python
-``random``, numpy), ``meta.json`` (step, version, the caller's data position) and, on request, ``hf/``
-(``save_pretrained``). It is written into a temporary sibling directory and renamed into place, then
-``<root>/latest`` is replaced atomically; a crash at any point leaves the previous checkpoint as the latest,
-never a half-written one. Under data parallelism only rank 0 writes (every rank holds the same weights; the
-optimizer's shards are gathered first, so a checkpoint does not depend on the number of ranks).
+A checkpoint is a directory ``<root>/step-<k>/`` holding ``meta.json`` (step, version, the caller's data
+position) and whatever files the backend writes: the torch ``Trainer`` writes ``trainer.pt`` (model, fp32
+master weights and AdamW moments per parameter, reference model, step, version), ``rng.pt`` and, on request,
+``hf/``; the Megatron backend, one model file and one trainer file per shard. A backend takes part through the
+small ``Checkpointable`` interface; ``save_checkpoint`` is the one commit, for both:
+
+1. every rank writes its part into the staging directory ``<root>/.tmp-step-<k>`` (``write_checkpoint``, a
+   collective: it returns once every part is written, True on the one rank that commits);
+2. that rank writes ``meta.json``, renames the staging directory to ``step-<k>`` and replaces ``<root>/latest``
+   atomically, then deletes checkpoints beyond ``keep_last``;
+3. every rank waits for the commit (``barrier``), so no rank reads a checkpoint that is not there yet.
+
+A crash at any point leaves the previous checkpoint as the latest, never a half-written one: ``latest`` only
+ever names a renamed, complete directory, and a checkpoint is one when it has ``meta.json``.
 
 Resume is exact: a run stopped after step k and resumed from its checkpoint ends bitwise equal to a run that
 never stopped (tested on CPU), because every tensor of the training state is saved as is and every random
@@ -30,21 +37,49 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from rlplat.models import load_pretrained, save_pretrained, to_precision
 
-if TYPE_CHECKING:
-    from rlplat.train.trainer import Trainer
-
 LATEST = "latest"
-TRAINER_FILE = "trainer.pt"
-RNG_FILE = "rng.pt"
 META_FILE = "meta.json"
+TRAINER_FILE = "trainer.pt"  # the torch backend's state
+RNG_FILE = "rng.pt"  # the torch backend's random streams
 HF_DIR = "hf"
 MERGE_SCHEDULES = ("linear", "cosine", "inverse-sqrt")
+
+
+class Checkpointable(Protocol):
+    """A trainer backend's side of ``save_checkpoint`` and ``load_checkpoint``; every rank of the job calls
+    them with the same arguments."""
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken: names the checkpoint directory."""
+        ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def keep_last(self) -> int:
+        """How many checkpoints to keep under the root (older ones are deleted after a commit)."""
+        ...
+
+    def write_checkpoint(self, staging: Path) -> bool:
+        """Write this rank's part of the training state into ``staging`` (the rank that commits creates it
+        empty); return once every rank's part is written: True on the one rank that commits."""
+        ...
+
+    def read_checkpoint(self, directory: Path) -> None:
+        """Restore the training state from a committed checkpoint directory."""
+        ...
+
+    def barrier(self) -> None:
+        """Wait for every rank of the job."""
+        ...
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,6 +108,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
 
 
+def empty_directory(path: Path) -> Path:
+    """``path`` as a new empty directory: what a crashed earlier attempt left there is removed first."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(text)
@@ -80,58 +122,49 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(
-    trainer: Trainer, root: str | Path, data_position: Any = None, keep_last: int | None = None
+    trainer: Checkpointable, root: str | Path, data_position: Any = None, keep_last: int | None = None
 ) -> Path | None:
-    """Write ``<root>/step-<k>`` atomically and point ``<root>/latest`` at it; returns its path.
+    """Write ``<root>/step-<k>`` atomically and point ``<root>/latest`` at it (module docstring); returns its
+    path on the rank that commits, None on the others.
 
     ``data_position`` is any JSON-serialisable value (e.g. the index of the next batch) handed back by
-    ``load_checkpoint``. Every data-parallel rank must call it (it gathers the optimizer's shards); ranks
-    other than 0 write nothing and return None.
+    ``load_checkpoint``. ``keep_last`` defaults to the trainer's.
     """
     try:
         json.dumps(data_position)
     except TypeError as err:
         raise ValueError(f"data_position must be JSON-serialisable, got {data_position!r}") from err
-    # a collective: the optimizer's shards are gathered from the data-parallel ranks, kept by rank 0 only
-    state = trainer.state_dict(keep_optimizer=trainer.dp.rank == 0)
-    if trainer.dp.rank != 0:
-        return None
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{trainer.step:08d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    final, staging = root / name, root / f".tmp-{name}"
     try:
-        if not trainer.config.checkpoint.save_optimizer:
-            state["optimizer"] = None
-        torch.save(state, tmp / TRAINER_FILE)
-        torch.save(rng_state(), tmp / RNG_FILE)
-        meta = {
-            "step": trainer.step,
-            "version": trainer.version,
-            "precision": trainer.precision,
-            "data_position": data_position,
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        if trainer.config.checkpoint.export_hf:
-            save_pretrained(trainer.model, tmp / HF_DIR)
-        if final.exists():  # a re-save of the same step replaces it (the old one stays latest until then)
-            old = root / f".old-{name}-{uuid.uuid4().hex}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
+        commits = trainer.write_checkpoint(staging)
+        if commits:
+            meta = {"step": trainer.step, "version": trainer.version, "data_position": data_position}
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            _commit(staging, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
-    _atomic_write_text(root / LATEST, name + "\n")
-    keep = keep_last if keep_last is not None else trainer.config.checkpoint.keep_last
-    for old in sorted(root.glob("step-*"))[:-keep]:
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    if commits:
+        keep = keep_last if keep_last is not None else trainer.keep_last
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+    trainer.barrier()
+    return final if commits else None
+
+
+def _commit(staging: Path, final: Path) -> None:
+    """Rename the complete staging directory to ``final``, then point ``latest`` at it."""
+    if final.exists():  # a re-save of the same step replaces it (the old one stays latest until then)
+        old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex}")
+        final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old)
+    else:
+        staging.rename(final)
+    _atomic_write_text(final.parent / LATEST, final.name + "\n")
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -140,36 +173,22 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     if not pointer.exists():
         return None
     path = Path(root) / pointer.read_text().strip()
-    return path if (path / TRAINER_FILE).exists() else None
+    return path if (path / META_FILE).exists() else None
 
 
-def load_checkpoint(trainer: Trainer, path: str | Path, restore_rng: bool = True) -> Any:
-    """Restore ``trainer`` (and the random streams) from a checkpoint directory or a root with ``latest``;
-    returns the saved data position."""
+def load_checkpoint(trainer: Checkpointable, path: str | Path) -> Any:
+    """Restore ``trainer`` from a checkpoint directory or a root with ``latest``; returns the saved data
+    position."""
     path = Path(path)
-    if (path / LATEST).exists() and not (path / TRAINER_FILE).exists():
+    if (path / LATEST).exists() and not (path / META_FILE).exists():
         resolved = latest_checkpoint(path)
         if resolved is None:
             raise ValueError(f"{path / LATEST} points at a checkpoint that does not exist")
         path = resolved
-    if not (path / TRAINER_FILE).exists():
-        raise ValueError(f"{path} is not a trainer checkpoint (no {TRAINER_FILE}); pass a step-* directory")
-    # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
-    state = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
-    if state["optimizer"] is None:
-        raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
-    trainer.load_state_dict(state)
-    if restore_rng:
-        set_rng_state(torch.load(path / RNG_FILE, weights_only=True))
+    if not (path / META_FILE).exists():
+        raise ValueError(f"{path} is not a trainer checkpoint (no {META_FILE}); pass a step-* directory")
+    trainer.read_checkpoint(path)
     return json.loads((path / META_FILE).read_text())["data_position"]
-
-
-def export_hf(trainer: Trainer, out: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write the current policy as an HF checkpoint directory (config.json + safetensors)."""
-    return save_pretrained(trainer.model, out, tokenizer_dir=tokenizer_dir)
-
-
-# -- Warmup-Stable-Merge ------------------------------------------------------------------------------------
 
 
 def decay_weights(schedule: str, k: int) -> list[float]:

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as torch_dist
 
-if TYPE_CHECKING:
-    from rlplat.train.optim import ShardedAdamW
+
+class GradBuffers(Protocol):
+    """What the gradient reduction needs of the optimizer (``rlplat.train.optim.ShardedAdamW``, which builds
+    on this module, so it is named by its shape here)."""
+
+    def all_reduce_grads(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,13 +66,18 @@ class DataParallel:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
-    def all_reduce_grads(self, optimizer: ShardedAdamW) -> None:
+    def all_reduce_grads(self, optimizer: GradBuffers) -> None:
         """SUM the fp32 gradients over ranks, in place in the optimizer's flat buffers."""
         optimizer.all_reduce_grads()
 
     def reduce_expert_counts(self, counts: list[torch.Tensor]) -> None:
         """Tokens per expert counted on this rank → over the whole step's batch (in place)."""
         self.all_reduce_tensors(counts)
+
+    def barrier(self) -> None:
+        """Wait for every rank of the group (a no-op for one rank)."""
+        if self.enabled:
+            torch_dist.barrier(group=self.group)
 
 
 def init_data_parallel(

@@ -100,7 +100,7 @@ class ShardedAdamW:
         self.optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps)
         self._view = {i: v for b in self.buckets for i, v in zip(b.index, b.views, strict=True)}
 
-    # -- gradients --------------------------------------------------------------------------------------------
+    # Gradients
 
     def accumulate(self, i: int) -> None:
         """Add parameter ``i``'s gradient into its fp32 buffer and free it (once per micro-batch)."""
@@ -129,7 +129,7 @@ class ShardedAdamW:
         for b in self.buckets:
             b.grad.zero_()
 
-    # -- the update -------------------------------------------------------------------------------------------
+    # The update
 
     @torch.no_grad()
     def step(self, lr: float) -> None:
@@ -153,7 +153,7 @@ class ShardedAdamW:
             dist.all_gather_single(out, mine.contiguous(), group=b.dp.group)
         return out
 
-    # -- checkpoints: per parameter, whole (independent of the number of ranks) ---------------------------------
+    # Checkpoints: per parameter, whole (independent of the number of ranks)
 
     @torch.no_grad()
     def state_dict(self, keep: bool = True) -> dict[str, Any] | None:

@@ -36,7 +36,9 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -50,8 +52,17 @@ from rlplat.algos.config import AlgoConfig
 from rlplat.algos.filtering import dynamic_sampling_mask
 from rlplat.algos.losses import gspo_loss, lpo_loss, ppo_clip_loss
 from rlplat.algos.validation import masked_values
-from rlplat.models import RingLinearForCausalLM, precision_of, to_precision
+from rlplat.models import RingLinearForCausalLM, precision_of, save_pretrained, to_precision
 from rlplat.train.batch import TrainBatch
+from rlplat.train.checkpoint import (
+    HF_DIR,
+    RNG_FILE,
+    TRAINER_FILE,
+    Checkpointable,
+    empty_directory,
+    rng_state,
+    set_rng_state,
+)
 from rlplat.train.config import TrainerConfig
 from rlplat.train.dist import DataParallel
 from rlplat.train.experts import ExpertLoadCounter
@@ -80,24 +91,18 @@ class NonFiniteError(FloatingPointError):
 
 
 @runtime_checkable
-class TrainerBackend(Protocol):
-    """What the trainer actor and the controller call. The torch ``Trainer`` implements it; a Megatron-core
-    backend (tensor/expert/pipeline parallel, issue 7) must too, exporting full tensors under HF names."""
+class TrainerBackend(Checkpointable, Protocol):
+    """What the trainer actor calls, on every rank. The torch ``Trainer`` implements it, and so does the
+    Megatron-core backend (``rlplat.train.megatron``), which exports full tensors under HF names too.
+    Checkpoints go through ``rlplat.train.checkpoint.save_checkpoint`` / ``load_checkpoint``."""
 
-    @property
-    def version(self) -> int: ...
-
-    def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
+    def train_step(self, batch: TrainBatch, probe: RowProbe | None = None) -> dict[str, float]: ...
 
     def compute_logprobs(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def export_weights(self) -> tuple[dict[str, torch.Tensor], int]: ...
 
     def export_weight_buckets(self, max_bytes: int = ...) -> Iterator[dict[str, torch.Tensor]]: ...
-
-    def save_checkpoint(self, directory: str, data_position: Any = None) -> Any: ...
-
-    def load_checkpoint(self, path: str) -> Any: ...
 
 
 _MICRO_SUMS = (
@@ -115,12 +120,27 @@ _MICRO_SUMS = (
 )
 
 
+@dataclass
+class RowProbe:
+    """Per-token log-probs of some rows of a step's batch, taken from the step's own training forward (the
+    weights before the update): what ``rollouts.jsonl`` compares with the rollout's, with no second forward.
+    Pass one to ``train_step``; ``tokens[i]`` is then, over row ``rows[i]``'s response tokens, its
+    ``train_logp``, ``rollout_logp`` and IcePop/rejection ``keep`` flags, or None when a filter dropped it."""
+
+    rows: Sequence[int]
+    tokens: list[dict[str, list] | None] = field(default_factory=list)
+
+
 class _Sums:
-    """Token-weighted metric sums, reduced over micro-batches and ranks in one all-reduce."""
+    """Token-weighted metric sums, reduced over micro-batches and ranks in one all-reduce, and the probed
+    rows (``RowProbe``), which ride along in the same all-reduce: each is filled by the one rank holding it."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.maxes: dict[str, float] = {}
+        self.probe_slots: dict[int, int] = {}  # row of the (filtered) batch → its slot in ``probe``
+        # per slot and position: response mask, keep mask, train log-prob, rollout log-prob
+        self.probe = torch.zeros(0, 4, 0, dtype=torch.float64)
 
     def add(self, name: str, value: torch.Tensor | float, weight: float = 1.0) -> None:
         self.sums[name] = self.sums.get(name, 0.0) + float(value) * weight
@@ -128,15 +148,49 @@ class _Sums:
     def max(self, name: str, value: torch.Tensor | float) -> None:
         self.maxes[name] = max(self.maxes.get(name, float("-inf")), float(value))
 
+    def watch(self, slots: dict[int, int], T: int) -> None:
+        self.probe_slots = slots
+        self.probe = torch.zeros(len(slots), 4, T, dtype=torch.float64)
+
+    def add_probe(self, rows: torch.Tensor, mask_BT, keep_BT, logp_BT, rollout_BT) -> None:
+        """Copy the watched ones of ``rows`` (batch rows of a micro-batch, in its order) into ``probe``."""
+        for i, row in enumerate(rows.tolist()):
+            slot = self.probe_slots.get(row)
+            if slot is not None:
+                T_mb = mask_BT.shape[1]
+                for c, x in enumerate((mask_BT, keep_BT, logp_BT.detach(), rollout_BT)):
+                    self.probe[slot, c, :T_mb] = x[i].to("cpu", torch.float64)
+
     def reduce(self, dp: DataParallel, device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
         names, max_names = sorted(self.sums), sorted(self.maxes)
         s = torch.tensor([self.sums[n] for n in names], dtype=torch.float64, device=device)
+        s = torch.cat([s, self.probe.flatten().to(device)])
         m = torch.tensor([self.maxes[n] for n in max_names], dtype=torch.float64, device=device)
-        if names:
-            dp.all_reduce(s, "sum")
+        dp.all_reduce(s, "sum")
         if max_names:
             dp.all_reduce(m, "max")
-        return dict(zip(names, s.tolist(), strict=True)), dict(zip(max_names, m.tolist(), strict=True))
+        self.probe = s[len(names) :].view_as(self.probe).cpu()
+        return dict(zip(names, s[: len(names)].tolist(), strict=True)), dict(
+            zip(max_names, m.tolist(), strict=True)
+        )
+
+    def fill(self, probe: RowProbe, batch_rows: list[int | None]) -> None:
+        """``probe.tokens`` from the reduced ``probe`` tensor; ``batch_rows[i]``: row i's place after the filters."""
+        probe.tokens = []
+        for row in batch_rows:
+            slot = None if row is None else self.probe_slots.get(row)
+            if slot is None:
+                probe.tokens.append(None)
+                continue
+            mask, keep, train, rollout = self.probe[slot]
+            m = mask > 0
+            probe.tokens.append(
+                {
+                    "train_logp": train[m].tolist(),
+                    "rollout_logp": rollout[m].tolist(),
+                    "keep": (keep[m] > 0).tolist(),
+                }
+            )
 
 
 class Trainer:
@@ -192,18 +246,17 @@ class Trainer:
             self.reference.requires_grad_(False)
         self.expert_load = self._load_counter(model)
 
-    # -- public API ---------------------------------------------------------------------------------------
-
     @property
     def version(self) -> int:
         """Weight version: the number of optimizer steps taken (0 = the initial weights)."""
         return self._version
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One optimizer step on ``batch`` (the global batch; each rank trains on its slice). Returns metrics."""
+    def train_step(self, batch: TrainBatch, probe: RowProbe | None = None) -> dict[str, float]:
+        """One optimizer step on ``batch`` (the global batch; each rank trains on its slice). Returns metrics;
+        fills ``probe`` with its rows' log-probs from the training forward."""
         started = time.perf_counter()
         with self._kernel_mode():
-            out = self._train_step(batch.to(self.device))
+            out = self._train_step(batch.to(self.device), probe)
         out["time_s"] = time.perf_counter() - started
         out["tokens_per_s"] = out["tokens"] / out["time_s"] if out["time_s"] > 0 else 0.0
         return out
@@ -226,15 +279,45 @@ class Trainer:
         named = ((k, v.detach().to("cpu", copy=True)) for k, v in self.model.state_dict().items())
         return weight_buckets(named, max_bytes)
 
-    def save_checkpoint(self, directory: str, data_position: Any = None):
-        from rlplat.train.checkpoint import save_checkpoint
+    @property
+    def keep_last(self) -> int:
+        return self.config.checkpoint.keep_last
 
-        return save_checkpoint(self, directory, data_position=data_position)
+    def write_checkpoint(self, staging: Path) -> bool:
+        """``Checkpointable``: rank 0 writes ``trainer.pt``, ``rng.pt`` and, on request, ``hf/``. Every rank
+        must call it (the optimizer's shards are gathered first, so a checkpoint does not depend on the number
+        of ranks)."""
+        state = self.state_dict(keep_optimizer=self.dp.rank == 0)
+        if self.dp.rank != 0:
+            return False
+        empty_directory(staging)
+        if not self.config.checkpoint.save_optimizer:
+            state["optimizer"] = None
+        torch.save(state, staging / TRAINER_FILE)
+        torch.save(rng_state(), staging / RNG_FILE)
+        if self.config.checkpoint.export_hf:
+            save_pretrained(self.model, staging / HF_DIR)
+        return True
 
-    def load_checkpoint(self, path: str):
-        from rlplat.train.checkpoint import load_checkpoint
+    def read_checkpoint(self, directory: Path) -> None:
+        """``Checkpointable``: the state of ``trainer.pt`` and the random streams of ``rng.pt``."""
+        if not (directory / TRAINER_FILE).exists():
+            raise ValueError(
+                f"{directory} has no {TRAINER_FILE}: it was not written by the torch trainer (a Megatron-backend "
+                "checkpoint does not match this model's trainer); set trainer.backend to the one that wrote it, "
+                "or start from its weights (python -m rlplat.train.megatron.convert to-hf)"
+            )
+        # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
+        state = torch.load(directory / TRAINER_FILE, map_location="cpu", weights_only=True)
+        if state["optimizer"] is None:
+            raise ValueError(
+                f"{directory} was saved without optimizer state (checkpoint.save_optimizer: false)"
+            )
+        self.load_state_dict(state)
+        set_rng_state(torch.load(directory / RNG_FILE, weights_only=True))
 
-        return load_checkpoint(self, path)
+    def barrier(self) -> None:
+        self.dp.barrier()
 
     def state_dict(self, keep_optimizer: bool = True) -> dict[str, Any]:
         """Everything a checkpoint holds. A collective under data parallelism (the optimizer's shards are
@@ -265,24 +348,31 @@ class Trainer:
             self.reference.load_state_dict(state["reference"])
         self.step, self._version = int(state["step"]), int(state["version"])
 
-    # -- the step -----------------------------------------------------------------------------------------
-
     def _kernel_mode(self):
         if self.config.batch_invariant is None:
             return contextlib.nullcontext()
         return kernels.kernel_mode(batch_invariant=self.config.batch_invariant)
 
-    def _train_step(self, batch: TrainBatch) -> dict[str, float]:
+    def _train_step(self, batch: TrainBatch, probe: RowProbe | None = None) -> dict[str, float]:
         algo, sums = self.algo, _Sums()
         info: dict[str, float] = {
             "policy_version": float(batch.policy_version),
             "staleness": float(self._version - batch.policy_version),
             "empty_responses": float((~batch.response_mask_BT.any(dim=1)).sum()),
         }
-        batch, kept = self._filter(batch, info)
+        batch, keep_B = self._filter(batch, info)
+        kept = int(keep_B.sum())
+        # each probed row's place in the filtered batch (None: dropped)
+        place_B = keep_B.long().cumsum(0) - 1
+        probe_rows = [
+            int(place_B[r]) if keep_B[r] else None for r in (probe.rows if probe is not None else ())
+        ]
         if batch is None:
             # every group was dropped: nothing to learn from, and no rank communicates (all saw the same)
+            if probe is not None:
+                sums.fill(probe, [None] * len(probe_rows))
             return {**info, "skipped": 1.0, "tokens": 0.0, "lr": self._lr(), "version": float(self._version)}
+        sums.watch({r: i for i, r in enumerate(probe_rows) if r is not None}, batch.input_ids_BT.shape[1])
         adv_BT = self._advantages(batch, info)
         local = self.dp.shard(batch.batch_size)
         mask_BT = batch.response_mask_BT[local]
@@ -342,6 +432,8 @@ class Trainer:
         self._version += 1
 
         total, maxes = sums.reduce(self.dp, self.device)
+        if probe is not None:
+            sums.fill(probe, probe_rows)
         out = {**info, "skipped": 0.0, "kept_samples": float(kept), "lr": lr, "version": float(self._version)}
         out["grad_norm"] = grad_norm.item()
         out["loss"] = total.pop("loss", 0.0)
@@ -355,7 +447,9 @@ class Trainer:
         out["expert_load_imbalance"] = self.expert_load.imbalance()
         return out
 
-    def _filter(self, batch: TrainBatch, info: dict[str, float]) -> tuple[TrainBatch | None, int]:
+    def _filter(self, batch: TrainBatch, info: dict[str, float]) -> tuple[TrainBatch | None, torch.Tensor]:
+        """The batch without bad samples' groups and (``algo.dynamic_sampling``) zero-variance groups, and
+        which rows it kept (bool [B]); None when nothing is left to train on."""
         n = batch.group_size
         keep_B = torch.ones(batch.batch_size, dtype=torch.bool)
         bad_B = batch.bad_rows().cpu()
@@ -380,11 +474,11 @@ class Trainer:
             info["dynamic_sampling_dropped"] = float((keep_B & ~varied).sum())
             keep_B &= varied
         if keep_B.all():
-            return batch, batch.batch_size
+            return batch, keep_B
         rows = keep_B.nonzero()[:, 0]
         if len(rows) == 0 or not batch.response_mask_BT[rows.to(batch.response_mask_BT.device)].any():
-            return None, 0
-        return batch.select(rows), len(rows)
+            return None, torch.zeros_like(keep_B)
+        return batch.select(rows), keep_B
 
     def _advantages(self, batch: TrainBatch, info: dict[str, float]) -> torch.Tensor:
         algo, mask_BT = self.algo, batch.response_mask_BT
@@ -580,6 +674,7 @@ class Trainer:
         mm = metrics.mismatch_metrics(logp_full.detach(), roll, m_BT)
         sums.add("resp:mismatch_kl", mm["mismatch_kl"], n_resp)
         sums.max("max_abs_dlogp", mm["max_abs_dlogp"])
+        sums.add_probe(rows, m_BT, lm_BT, logp_full, roll)
         return loss
 
     def _lr(self) -> float:

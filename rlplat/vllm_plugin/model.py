@@ -50,7 +50,7 @@ from rlplat.vllm_plugin.hf_config import ring_linear_config
 STATE_DTYPE = torch.float32
 
 
-# --- softmax layers: paged KV cache, read and written by rlplat (no vLLM attention kernel) ----------------------
+# Softmax layers: paged KV cache, read and written by rlplat (no vLLM attention kernel)
 @dataclass
 class PagedKVMetadata:
     """What a softmax layer needs to find its requests' keys and values in vLLM's paged cache."""
@@ -147,7 +147,7 @@ class PagedKVCache(nn.Module, AttentionLayerBase):
         )
 
 
-# --- linear-attention layers: per-request state slots, managed by vLLM's mamba-state machinery ---------------
+# Linear-attention layers: per-request state slots, managed by vLLM's mamba-state machinery
 def _linear_state_spec(cfg: RingLinearConfig, hf_config, model_dtype: torch.dtype):
     """(shapes, dtypes) of one request's linear-attention state, as ``kernels.linear_attention`` keeps it for the
     kernel mode: batch-invariant mode, the fp32 chunk-start state plus the chunk's keys and values so far
@@ -206,7 +206,7 @@ def _register_layer(vllm_config: VllmConfig, prefix: str, layer: nn.Module) -> N
     context[prefix] = layer
 
 
-# --- flat vLLM batch <-> rlplat's right-padded batch ------------------------------------------------------------
+# Flat vLLM batch <-> rlplat's right-padded batch
 @dataclass
 class _Batch:
     num_reqs: int
@@ -278,7 +278,7 @@ class RingLinearForVLLM(nn.Module, HasInnerState, IsHybrid):
             for i in range(cfg.num_hidden_layers)
         )
 
-    # -- vLLM model interface ------------------------------------------------------------------------------------
+    # VLLM model interface
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.model.word_embeddings(input_ids)
 
@@ -325,7 +325,7 @@ class RingLinearForVLLM(nn.Module, HasInnerState, IsHybrid):
         ids_RT = torch.nn.functional.pad(input_ids, (0, R * T - N)).view(R, T)
         return self.causal_lm.hidden_states(ids_RT).reshape(R * T, -1)[:N]
 
-    # -- weights -------------------------------------------------------------------------------------------------
+    # Weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors into the model; returns the loaded names (as vLLM's parameter names).
 
@@ -372,7 +372,7 @@ class RingLinearForVLLM(nn.Module, HasInnerState, IsHybrid):
             n: b for n, b in self.causal_lm.named_buffers() if n.endswith("expert_bias")
         }
 
-    # -- hybrid-state interface (vLLM sizes and copies the linear-attention states from these) ----------------
+    # Hybrid-state interface (vLLM sizes and copies the linear-attention states from these)
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig) -> tuple[tuple[int, int, int], ...]:
         return cls._state_spec(vllm_config)[0]

@@ -115,15 +115,6 @@ def test_pending_entry_deleted_from_stream_is_recorded_not_fatal(stream):
     assert stream.client.xpending(stream.cfg.stream, stream.cfg.group)["pending"] == 1
 
 
-def test_drop_stale_acks_and_counts(stream):
-    for v in range(5):
-        stream.publish([{"v": v}], policy_version=v)
-    fresh = stream.drop_stale(stream.read(10), current_version=5, max_staleness=2)
-    assert [e.policy_version for e in fresh] == [3, 4]
-    assert stream.stats.dropped_stale == 3
-    assert stream.lag() == 2  # the fresh ones stay pending until their step is committed
-
-
 def test_lag_counts_undelivered_and_pending(stream):
     stream.publish([{"i": i} for i in range(10)], 0)
     assert stream.lag() == 10

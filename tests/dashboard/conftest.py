@@ -57,6 +57,10 @@ def synthetic_metrics(step: int, rng: random.Random) -> dict[str, float]:
         M.REWARD_TERM_MEAN.format(term="format"): 0.9 + rng.uniform(-0.05, 0.05),
         M.STREAM_UNDELIVERED: rng.randint(0, 64),
         M.STREAM_PENDING: 32,
+        M.REWARD_TIMEOUTS: float(rng.random() < 0.1),
+        M.REWARD_CALL_ERRORS: 0.0,
+        M.REWARD_LATENCY_MEAN: 0.02 + rng.uniform(0, 0.01),
+        M.REWARD_LATENCY_MAX: 0.05 + rng.uniform(0, 0.05),
     }
     metrics[M.TRAIN_CLIP_FRAC] = metrics[M.TRAIN_CLIP_FRAC_LOW] + metrics[M.TRAIN_CLIP_FRAC_HIGH]
     if step % EVAL_EVERY == 0:

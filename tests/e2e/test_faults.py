@@ -7,7 +7,7 @@ import pytest
 import ray
 
 from rlplat.config import load_config
-from rlplat.controller import Controller
+from rlplat.controller import Controller, ProgressHooks
 from rlplat.run import tokenizer_dir
 
 pytestmark = pytest.mark.ray
@@ -18,6 +18,7 @@ def test_killed_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
         "configs/tiny_math.yaml",
         [
             "run.steps=4",
+            "run.warm_start_steps=0",
             "run.eval_every=0",
             "run.checkpoint_every=0",
             "data.prompts_per_step=4",
@@ -28,7 +29,6 @@ def test_killed_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
         ],
     )
     controller = Controller(cfg, tmp_path, tokenizer_dir(cfg, tmp_path))
-    controller.push_weights()
     seen = []
 
     def kill_soon(pool, delay):
@@ -42,7 +42,7 @@ def test_killed_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
         if step == 1:
             kill_soon(controller.rewards, 0.3)
 
-    assert controller.run(0, lambda: False, on_step) == 4
+    assert controller.run(False, lambda: False, ProgressHooks(step=on_step)) == 4
     time.sleep(0.1)
     assert controller.rollout.restarts >= 1 and controller.rewards.restarts >= 1
     for m in seen:

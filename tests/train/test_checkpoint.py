@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -7,6 +8,7 @@ from rlplat.algos.config import AlgoConfig
 from rlplat.models import load_pretrained
 from rlplat.train import Trainer, TrainerConfig, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlplat.train import checkpoint as ckpt
+from rlplat.train import trainer as trainer_module
 
 ALGO = AlgoConfig(kl={"mode": "loss", "coef": 0.05}, correction={"use_rollout_logp_as_old": True})
 
@@ -70,7 +72,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, tiny, make_b
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_pretrained", crash)
+    monkeypatch.setattr(trainer_module, "save_pretrained", crash)  # the hf/ export, after trainer.pt
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(trainer, tmp_path)
     assert latest_checkpoint(tmp_path) == good
@@ -102,3 +104,45 @@ def test_load_rejects_other_precision_and_missing(tmp_path, tiny_model):
         load_checkpoint(Trainer(tiny_model(), AlgoConfig(), TrainerConfig(), precision="bf16"), tmp_path)
     with pytest.raises(ValueError, match="not a trainer checkpoint"):
         load_checkpoint(trainer, tmp_path / "nowhere")
+
+
+class Counter:
+    """The smallest ``Checkpointable``: one number in one file, one rank."""
+
+    def __init__(self, keep_last: int = 2):
+        self.step = self.version = self.value = self.barriers = 0
+        self.keep_last = keep_last
+
+    def write_checkpoint(self, staging):
+        ckpt.empty_directory(staging)
+        (staging / "value.txt").write_text(str(self.value))
+        return True
+
+    def read_checkpoint(self, directory):
+        self.value = int((directory / "value.txt").read_text())
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_one_commit_for_any_backend(tmp_path):
+    stale = tmp_path / ".tmp-step-00000003"  # what a crash while writing step 3 left behind
+    stale.mkdir()
+    (stale / "half-written").write_text("x")
+    counter = Counter()
+    for step in (1, 2, 3):
+        counter.step, counter.version, counter.value = step, step + 10, 100 * step
+        path = save_checkpoint(counter, tmp_path, data_position={"next": step})
+    assert path == latest_checkpoint(tmp_path) == tmp_path / "step-00000003"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "value.txt"]  # the stale file is gone
+    assert json.loads((path / "meta.json").read_text()) == {
+        "step": 3,
+        "version": 13,
+        "data_position": {"next": 3},
+    }
+    assert counter.barriers == 3  # every save waits for every rank after the commit
+    restored = Counter()
+    assert load_checkpoint(restored, tmp_path) == {"next": 3} and restored.value == 300
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        load_checkpoint(restored, tmp_path / "step-00000001")  # pruned

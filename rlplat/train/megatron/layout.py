@@ -178,7 +178,7 @@ def check_te_fp8(cuda_available: bool | None = None) -> None:
         ) from err
 
 
-# -- tensor mapping --------------------------------------------------------------------------------------------
+# Tensor mapping
 
 
 def _layer(name: str) -> int | None:
@@ -319,7 +319,7 @@ def merge_states(
                     yield global_expert_name(name, cfg, lay.ep, e), t.clone()
 
 
-# -- the layout file of a sharded directory --------------------------------------------------------------------
+# The layout file of a sharded directory
 
 
 def write_layout(directory: Path, lay: ParallelLayout, extra: dict | None = None) -> None:

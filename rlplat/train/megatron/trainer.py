@@ -43,8 +43,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -63,12 +61,11 @@ from rlplat.models import RingLinearForCausalLM, precision_of
 from rlplat.models.checkpoint import INDEX_FILE, SINGLE_FILE
 from rlplat.models.config import RingLinearConfig
 from rlplat.train.batch import TrainBatch
-from rlplat.train.checkpoint import LATEST, META_FILE, TRAINER_FILE  # the names the torch backend uses
+from rlplat.train.checkpoint import empty_directory
 from rlplat.train.config import TrainerConfig
 from rlplat.train.dist import DataParallel
 from rlplat.train.experts import ExpertLoadCounter
 from rlplat.train.megatron.layout import (
-    LAYOUT_FILE,
     ParallelLayout,
     check_checkpoint_layout,
     check_layout,
@@ -81,7 +78,7 @@ from rlplat.train.megatron.layout import (
 )
 from rlplat.train.megatron.parallelize import ParallelRingLinear
 from rlplat.train.optim import ShardedAdamW
-from rlplat.train.trainer import Trainer, _Sums, weight_buckets
+from rlplat.train.trainer import RowProbe, Trainer, _Sums, weight_buckets
 
 
 def init_megatron(
@@ -349,13 +346,13 @@ class MegatronTrainer(Trainer):
         self.precision = precision
         self._collective_backward = self.layout.ep > 1
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        out = super().train_step(batch)
+    def train_step(self, batch: TrainBatch, probe: RowProbe | None = None) -> dict[str, float]:
+        out = super().train_step(batch, probe)
         if "grad_norm" in out and self.groups.last_grad_norm is not None:
             out["grad_norm"] = self.groups.last_grad_norm  # the global norm, before clipping
         return out
 
-    # -- pipeline parallelism: the Trainer's forwards through Megatron's schedule --------------------------
+    # Pipeline parallelism: the Trainer's forwards through Megatron's schedule.
 
     def _backward_micro_batches(
         self, batch: TrainBatch, micro: list[torch.Tensor], micro_args, sums: _Sums
@@ -390,12 +387,12 @@ class MegatronTrainer(Trainer):
         finally:
             for h in hooks:
                 h.remove()
-        # the last stage computed the losses: its metrics and verdict are the step's on every stage
-        state = [sums.sums, sums.maxes, finite]
+        # the last stage computed the losses: its metrics, probed rows and verdict are the step's on every stage
+        state = [sums.sums, sums.maxes, sums.probe, finite]
         last = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast_object_list(state, src=last, group=self.groups.pp_group)
-        sums.sums, sums.maxes = state[0], state[1]
-        return state[2]
+        sums.sums, sums.maxes, sums.probe = state[0], state[1], state[2]
+        return state[3]
 
     def _logprobs(self, model, batch: TrainBatch, rows: torch.Tensor, grad: bool = False):
         if self.layout.pp == 1:
@@ -466,8 +463,6 @@ class MegatronTrainer(Trainer):
             micro[i : i + 1] = list(micro[i].tensor_split(2))
         return micro
 
-    # -- weights out -------------------------------------------------------------------------------------------
-
     def export_weight_buckets(self, max_bytes: int = 512 << 20) -> Iterator[dict[str, torch.Tensor]]:
         """Full tensors under HF names (CPU, the model's dtypes), in buckets of at most ``max_bytes`` (a
         tensor larger than that is a bucket of its own). Every rank must iterate (collectives); every rank
@@ -484,73 +479,48 @@ class MegatronTrainer(Trainer):
     def _gathered(self) -> Iterator[tuple[str, torch.Tensor]]:
         return gather_full(self.model, self.layout, self.model.local_state())
 
-    # -- checkpoints (one model + one trainer file per distinct (tp rank, ep rank)) ---------------------------
+    # Checkpoints: one model and one trainer file per distinct (tp, ep, pp) rank, through the one commit of
+    # rlplat.train.checkpoint.save_checkpoint.
 
-    def save_checkpoint(self, directory: str, data_position: Any = None) -> Path:
-        """Write ``<directory>/step-<k>/`` (all ranks call this) and point ``<directory>/latest`` at it."""
-        json.dumps(data_position)  # fail before writing anything
-        root = Path(directory)
-        name = f"step-{self.step:08d}"
-        final, tmp_name = root / name, [f".tmp-{name}-{uuid.uuid4().hex}"]
-        dist.broadcast_object_list(tmp_name, src=0)
-        tmp = root / tmp_name[0]
-        if dist.get_rank() == 0:
-            tmp.mkdir(parents=True)
-            write_layout(tmp, self.layout, {"precision": self.precision})
-            (tmp / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2) + "\n")
-            meta = {"step": self.step, "version": self._version, "data_position": data_position}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            # The job-level file that rlplat.train.checkpoint.latest_checkpoint (run resume, trainer restarts)
-            # looks for; the torch backend refuses it (param_names), the state itself is in the shard files.
-            job = {
-                "backend": "megatron",
-                "step": self.step,
-                "version": self._version,
-                "precision": self.precision,
-            }
-            torch.save(
-                {**job, "param_names": None, "optimizer": "in trainer-tp*-ep*-pp*.pt"}, tmp / TRAINER_FILE
-            )
-        dist.barrier()
+    def write_checkpoint(self, staging: Path) -> bool:
+        """``Checkpointable``: rank 0 writes the layout and the model config, then the lowest global rank of
+        each (tp, ep, pp) rank writes its shard of the model and of the trainer state. Every rank must call it
+        (collectives); rank 0 commits."""
+        lead = dist.get_rank() == 0
+        if lead:
+            empty_directory(staging)
+            write_layout(staging, self.layout, {"precision": self.precision})
+            (staging / "config.json").write_text(json.dumps(self.model.config.to_dict(), indent=2) + "\n")
+        dist.barrier()  # the staging directory exists before anyone writes into it
         writer = self._writes_shard()
         state = self.state_dict(keep_optimizer=writer)  # a collective: gathers the optimizer's shards
         if writer:
             tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
             local = {k: v.detach().contiguous().cpu() for k, v in self.model.local_state().items()}
-            save_file(local, str(tmp / f"model-{tag}.safetensors"), metadata={"format": "pt"})
+            save_file(local, str(staging / f"model-{tag}.safetensors"), metadata={"format": "pt"})
             state.pop("model")
             if not self.config.checkpoint.save_optimizer:
                 state["optimizer"] = None
-            torch.save(state, tmp / f"trainer-{tag}.pt")
-        dist.barrier()
-        if dist.get_rank() == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            pointer = root / f".{LATEST}.{uuid.uuid4().hex}.tmp"
-            pointer.write_text(name + "\n")
-            os.replace(pointer, root / LATEST)
-            for old in sorted(root.glob("step-*"))[: -self.config.checkpoint.keep_last]:
-                if old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        return final
+            torch.save(state, staging / f"trainer-{tag}.pt")
+        dist.barrier()  # every shard is written
+        return lead
 
-    def load_checkpoint(self, path: str) -> Any:
-        """Restore from ``step-*`` (or a root with ``latest``) saved under the same tp/ep/pp sizes."""
-        path = Path(path)
-        if (path / LATEST).exists() and not (path / LAYOUT_FILE).exists():
-            path = path / (path / LATEST).read_text().strip()
-        check_checkpoint_layout(path, self.layout)
+    def read_checkpoint(self, directory: Path) -> None:
+        """``Checkpointable``: this rank's shard of a checkpoint saved under the same tp/ep/pp sizes."""
+        check_checkpoint_layout(directory, self.layout)
         tag = shard_tag(self.tp_rank, self.ep_rank, self.pp_rank)
         # on the host: each rank then takes its shard of the optimizer state, not the whole of it on its device
-        state = torch.load(path / f"trainer-{tag}.pt", map_location="cpu", weights_only=True)
+        state = torch.load(directory / f"trainer-{tag}.pt", map_location="cpu", weights_only=True)
         if state["optimizer"] is None:
-            raise ValueError(f"{path} was saved without optimizer state (checkpoint.save_optimizer: false)")
+            raise ValueError(
+                f"{directory} was saved without optimizer state (checkpoint.save_optimizer: false)"
+            )
         # Trainer.load_state_dict loads the module strictly; Megatron's layers default their _extra_state
-        state["model"] = load_file(str(path / f"model-{tag}.safetensors"), device=str(self.device))
+        state["model"] = load_file(str(directory / f"model-{tag}.safetensors"), device=str(self.device))
         self.load_state_dict(state)
-        return json.loads((path / META_FILE).read_text())["data_position"]
+
+    def barrier(self) -> None:
+        dist.barrier()
 
     def _writes_shard(self) -> bool:
         """The lowest global rank holding this (tp, ep, pp rank) writes its files; replicas write nothing."""

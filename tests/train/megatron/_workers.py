@@ -177,6 +177,7 @@ def _bf16_step(inputs: dict, out: Path) -> None:
 def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     """MegatronTrainer: export at step 0, one train_step, export, checkpoint save + load."""
     from rlplat.models.config import RingLinearConfig
+    from rlplat.train.checkpoint import load_checkpoint, save_checkpoint
     from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
 
     hf = inputs["hf_dir"]
@@ -189,10 +190,10 @@ def _trainer_step(name: str, lay_sizes: dict, inputs: dict, out: Path) -> None:
     metrics = trainer.train_step(inputs["batch"])
     after, version = trainer.export_weights()
     buckets = [sorted(b) for b in trainer.export_weight_buckets(max_bytes=200_000)]
-    ckpt = trainer.save_checkpoint(str(out / f"ckpt-{name}"), data_position={"next": 3})
+    ckpt = save_checkpoint(trainer, out / f"ckpt-{name}", data_position={"next": 3})
     logp1, _ = trainer.compute_logprobs(inputs["batch"])
     trainer.train_step(inputs["batch"])  # move away, then come back through load_checkpoint
-    position = trainer.load_checkpoint(str(out / f"ckpt-{name}"))
+    position = load_checkpoint(trainer, out / f"ckpt-{name}")
     restored, restored_version = trainer.export_weights()
     logp_restored, _ = trainer.compute_logprobs(inputs["batch"])
     # (parameters on this rank, the ones whose masters and moments it keeps: expert and dense)

@@ -12,8 +12,8 @@ import kernels
 def test_bench_runs_and_reports_alignment(tmp_path, monkeypatch):
     from megatron.core import parallel_state as ps
 
+    from rlplat.bench.megatron import main
     from rlplat.train.dist import free_port
-    from rlplat.train.megatron.bench import main
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

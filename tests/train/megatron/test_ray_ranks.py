@@ -1,5 +1,5 @@
 """``rlplat run``'s path for a multi-rank Megatron layout: one trainer actor per rank in a placement group
-(the controller's ``TrainerGroup``), TP=2 on gloo. Every rank takes every call; rank 0 pushes HF-named
+(``actors.trainer.TrainerGroup``), TP=2 on gloo. Every rank takes every call; rank 0 pushes HF-named
 weights to the rollout worker. The CPU shim reaches the actors' processes through Ray's
 ``worker_process_setup_hook``, so the library itself carries no CPU accommodation."""
 

@@ -45,19 +45,19 @@ GRAD_NORM_RTOL = {"fp32": 1e-6, "bf16": 1e-2, "fp8": 1e-1}
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp8"])
 def test_forward_is_bitwise_the_torch_models(one_rank, precision):
     # The worker sets its process's torch thread count (its own Ray actor process, in a run): keep this one's.
-    worker = TrainerWorker(_config(precision), num_threads=torch.get_num_threads())
+    trainer = TrainerWorker(_config(precision), num_threads=torch.get_num_threads()).trainer
     cfg = ExperimentConfig.model_validate(_config(precision))
     torch_trainer = Trainer(
         build_policy(cfg.model), cfg.algo, cfg.trainer.model_copy(update={"backend": "torch"})
     )
     batch = _batch()
-    logp, ent = worker.compute_logprobs(batch)
+    logp, ent = trainer.compute_logprobs(batch)
     ref_logp, ref_ent = torch_trainer.compute_logprobs(batch)
     assert torch.equal(logp, ref_logp) and torch.equal(ent, ref_ent)
-    out, ref = worker.train_step(batch), torch_trainer.train_step(batch)
+    out, ref = trainer.train_step(batch), torch_trainer.train_step(batch)
     assert out["loss"] == ref["loss"] and out["version"] == 1.0
     assert out["grad_norm"] == pytest.approx(ref["grad_norm"], rel=GRAD_NORM_RTOL[precision])
-    weights, version = worker.export_weights()
+    weights, version = trainer.export_weights()
     ref_weights, _ = torch_trainer.export_weights()
     assert version == 1 and set(weights) == set(ref_weights)
     for name, w in ref_weights.items():

@@ -58,7 +58,7 @@ def test_checkpoint_resumes_under_another_data_parallel_size(runs, one_rank):
     """The dp2 run's checkpoint holds the optimizer state whole (gathered from both ranks' halves): one process
     loads it and takes the second step the torch Trainer takes (AdamW's second step reads both moments)."""
     from rlplat.models.config import RingLinearConfig
-    from rlplat.train import Trainer, TrainerConfig
+    from rlplat.train import Trainer, TrainerConfig, load_checkpoint
     from rlplat.train.config import MegatronConfig
     from rlplat.train.megatron.trainer import MegatronTrainer, init_megatron
 
@@ -71,7 +71,7 @@ def test_checkpoint_resumes_under_another_data_parallel_size(runs, one_rank):
     tcfg = TrainerConfig(backend="megatron", megatron=MegatronConfig(), **runs.opt)
     init_megatron(RingLinearConfig.from_json(runs.hf_dir / "config.json"), tcfg, rank=0, world_size=1)
     trainer = MegatronTrainer(runs.hf_dir, None, tcfg, precision="fp32")
-    trainer.load_checkpoint(runs.trainer("dp2")["ckpt"])
+    load_checkpoint(trainer, runs.trainer("dp2")["ckpt"])
     trainer.train_step(batch)
     got, version = trainer.export_weights()
     assert version == 2
@@ -92,9 +92,10 @@ def test_checkpoint_under_other_sizes_is_refused(runs):
 
 
 def test_checkpoint_is_found_by_resume_and_refused_by_the_torch_backend(runs):
-    from rlplat.train import Trainer, latest_checkpoint
+    from rlplat.train import Trainer, latest_checkpoint, load_checkpoint
 
     ckpt = Path(runs.trainer("ep2")["ckpt"])
     assert latest_checkpoint(ckpt.parent) == ckpt  # what `rlplat run --resume` and trainer restarts use
-    with pytest.raises(ValueError, match="do not match this model"):
-        Trainer(load_pretrained(runs.hf_dir)).load_checkpoint(str(ckpt))
+    assert not (ckpt / "trainer.pt").exists()  # found through the commit's meta.json, not a stand-in file
+    with pytest.raises(ValueError, match="not written by the torch trainer"):
+        load_checkpoint(Trainer(load_pretrained(runs.hf_dir)), ckpt)

@@ -1,4 +1,8 @@
-"""Typed config for the ``rewards:`` section of an experiment."""
+"""Typed config for the ``rewards:`` section of an experiment: which rewards, their weights and timeouts.
+
+It lives in the library, below ``rewards/`` (the runner that it configures) and ``actors/`` (the reward
+workers), because ``rlplat.config`` mounts it and must not import either.
+"""
 
 from __future__ import annotations
 
@@ -66,7 +70,6 @@ class RewardsConfig(BaseModel):
     max_concurrency: int = Field(
         8, ge=1, description="Reward calls in flight at once inside one runner (threads)."
     )
-    num_workers: int = Field(2, ge=1, description="Ray reward workers in the pool (actors/reward.py).")
     max_response_chars: int = Field(
         1_000_000, ge=1, description="Longer responses are not scored; each such sample records an error."
     )

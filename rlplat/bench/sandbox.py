@@ -1,23 +1,24 @@
-"""Code-sandbox throughput benchmark: HumanEval-size programs per second through a worker pool.
+"""``rlplat bench sandbox``: code-sandbox throughput, HumanEval-size programs per second through a worker pool.
 
-``python -c "from rewards.bench import run_code_bench; run_code_bench()"``. Correctness is checked first (every
-correct program passes, every buggy one fails); only then is the pool timed, next to a baseline in the same
-run: one plain ``python -c`` subprocess per program with no isolation at all. The result file names the
-hardware and the sandbox mode.
+Correctness is checked first (every correct program passes, every buggy one fails); only then is the pool
+timed, next to a baseline in the same run: one plain ``python -c`` subprocess per program with no isolation
+at all. The result file (``bench_results/code_sandbox-<date>.json``, ``rlplat.bench.common.write_result``)
+names the hardware and the sandbox mode.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from pathlib import Path
+from typing import Any
+
+from rich.console import Console
 
 from rewards.code.sandbox import Limits, Sandbox
-from rlplat.bench.common import hardware
+from rlplat.bench.common import CorrectnessError, run_reported, write_result
 
 # Ten HumanEval-size problems (stub + docstring, a ~5-15 line solution, a check() with several asserts).
 _PROBLEMS = [
@@ -113,8 +114,9 @@ _PROBLEMS = [
 
 def run_code_bench(
     n_programs: int = 300, workers: int = 4, out_dir: str = "bench_results", baseline_programs: int = 40
-) -> dict[str, object]:
-    """Time ``n_programs`` HumanEval-size judgements with ``workers`` concurrent runs; write a JSON result."""
+) -> dict[str, Any]:
+    """Time ``n_programs`` HumanEval-size judgements with ``workers`` concurrent runs; write the result file
+    and return its payload with its ``path``."""
     limits = Limits(timeout_s=5.0)
     with Sandbox() as sb:
         # Correctness first: each correct solution passes, each with a bug fails.
@@ -124,7 +126,7 @@ def run_code_bench(
                 prompt + "    return None\n", tests, entry_point=name, prompt=prompt, limits=limits
             )
             if ok.get("passed") is not True or bad.get("passed") is not False:
-                raise RuntimeError(f"benchmark problem {name} judged wrongly: {ok} / {bad}; not timing")
+                raise CorrectnessError(f"benchmark problem {name} judged wrongly: {ok} / {bad}; not timing")
         jobs = [_PROBLEMS[i % len(_PROBLEMS)] for i in range(n_programs)]
 
         def one(p: tuple[str, str, str, str]) -> bool:
@@ -154,9 +156,7 @@ def run_code_bench(
     with ThreadPoolExecutor(workers) as pool:
         base_passed = sum(pool.map(naive, base_jobs))
     base_elapsed = time.perf_counter() - t1
-    result: dict[str, object] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+    result: dict[str, Any] = {
         "sandbox_mode": mode,
         "workers": workers,
         "programs": n_programs,
@@ -170,10 +170,24 @@ def run_code_bench(
             "programs_per_s": round(baseline_programs / base_elapsed, 1),
         },
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"code_sandbox_{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    result["path"] = str(path)
-    print(json.dumps(result, indent=2))
-    return result
+    return {**result, "path": str(write_result("code_sandbox", result, out_dir))}
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    def run(console: Console) -> None:
+        result = run_code_bench(args.programs, args.workers, args.out, args.baseline_programs)
+        console.print(
+            f"{result['sandbox_mode']} sandbox, {args.workers} workers: {result['programs_per_s']} programs/s "
+            f"(baseline without isolation: {result['baseline']['programs_per_s']}); wrote {result['path']}"
+        )
+
+    return run_reported(run)
+
+
+def register(bench_sub) -> None:
+    p = bench_sub.add_parser("sandbox", help="code-sandbox throughput: HumanEval-size programs per second")
+    p.add_argument("--programs", type=int, default=300, help="programs judged through the sandbox")
+    p.add_argument("--workers", type=int, default=4, help="concurrent sandbox runs")
+    p.add_argument("--baseline-programs", type=int, default=40, help="programs of the no-isolation baseline")
+    p.add_argument("--out", default="bench_results", help="directory of the result file")
+    p.set_defaults(func=run_from_args)

@@ -1,7 +1,7 @@
 """Benchmark of the Megatron backend: tokens/s per precision, FP8-vs-bf16 loss gap, rollout alignment.
 
-    torchrun --nproc-per-node 1 -m rlplat.train.megatron.bench --preset mid --precisions bf16,fp8
-    torchrun --nproc-per-node 2 -m rlplat.train.megatron.bench --preset mid --tp 2 --fp8-recipe te_blockwise
+    torchrun --nproc-per-node 1 -m rlplat.bench.megatron --preset mid --precisions bf16,fp8
+    torchrun --nproc-per-node 2 -m rlplat.bench.megatron --preset mid --tp 2 --fp8-recipe te_blockwise
 
 Every rank builds the preset from the same seed and keeps its shard. Per precision (fp8 uses ``--fp8-recipe``):
 
@@ -129,7 +129,7 @@ def run(args) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m rlplat.train.megatron.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rlplat.bench.megatron", description=__doc__)
     p.add_argument("--preset", default="mid")
     p.add_argument("--precisions", type=csv_names, default=("bf16", "fp8"))
     p.add_argument("--fp8-recipe", choices=("kernels", "te_blockwise"), default="te_blockwise")
