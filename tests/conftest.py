@@ -102,7 +102,12 @@ def _settings() -> dict[str, tuple]:
         "torch.distributed.is_initialized()": (torch.distributed.is_initialized, destroy_process_group),
         "megatron model parallel initialized": (_megatron_initialized, destroy_model_parallel),
         "os.getcwd()": (os.getcwd, os.chdir),
-        "sys.path": (lambda: list(sys.path), lambda value: sys.path.__setitem__(slice(None), value)),
+        "sys.path": (
+            lambda: [p for p in sys.path if not _ray_setup_path(p)],
+            lambda value: sys.path.__setitem__(
+                slice(None), value + [p for p in sys.path if _ray_setup_path(p)]
+            ),
+        ),
         "logging.disable level": (lambda: logging.root.manager.disable, logging.disable),
     }
 
@@ -120,11 +125,22 @@ def _set_logger_state(logger: logging.Logger, state: tuple) -> None:
     )
 
 
+# ray.init sets up the driver process once and for good (its bundled packages on sys.path, RAY_* variables,
+# PYTHONBREAKPOINT, a SIGTERM handler), and keeps that after ray.shutdown: Ray's doing, not the test's, and
+# whether Ray is still running is checked per module.
+def _ray_setup_path(entry: str) -> bool:
+    return entry.endswith(os.path.join("ray", "thirdparty_files"))
+
+
+def _ray_setup_env(name: str, value: str) -> bool:
+    return name.startswith("RAY_") or (name == "PYTHONBREAKPOINT" and value.startswith("ray."))
+
+
 def _process_state() -> dict[tuple, object]:
     """Everything a test could leave changed for the tests after it, as (kind, name) -> value."""
     state: dict[tuple, object] = {("setting", k): get() for k, (get, _) in _settings().items()}
     for k, v in os.environ.items():
-        if k not in PYTEST_ENV:
+        if k not in PYTEST_ENV and not _ray_setup_env(k, v):
             state["env", k] = v
     loggers = {"": logging.root} | {
         name: lg for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)
@@ -134,8 +150,12 @@ def _process_state() -> dict[tuple, object]:
     for sig in SIGNALS:
         handler = signal.getsignal(sig)
         # pytest-timeout installs a new SIGALRM handler for each test
-        timeout = getattr(handler, "__module__", None) == "pytest_timeout"
-        state["signal", sig] = "pytest-timeout's handler" if timeout else handler
+        owner = getattr(handler, "__module__", None) or ""
+        if owner == "pytest_timeout":  # installed anew for each test
+            handler = "pytest-timeout's handler"
+        elif owner.startswith("ray."):
+            handler = "Ray's handler"
+        state["signal", sig] = handler
     with warnings.catch_warnings():  # looking at a deprecated attribute (torch.distributed.reduce_op) warns
         warnings.simplefilter("ignore")
         for name, module in list(sys.modules.items()):
@@ -193,7 +213,7 @@ def _changes(before: dict, after: dict) -> list[tuple[tuple, object, object]]:
     out = []
     for key, old in before.items():
         new = after.get(key, _MISSING)
-        if not _same(old, new):
+        if not _same(old, new) and new != "Ray's handler":  # kept by the Ray driver after shutdown
             out.append((key, old, new))
     for key, new in after.items():
         if key[0] == "env" and key not in before:

@@ -151,7 +151,11 @@ def test_reward_worker_imports_plugins_itself(plugin_file, tmp_path, monkeypatch
     """A Ray reward worker is another process: it must import the plugin file on its own, from the same
     relative path the user wrote in the config."""
     ray = pytest.importorskip("ray")
-    from actors.reward import RewardWorkerPool
+    import torch
+
+    from actors.reward import RewardWorker
+    from rlplat.data.prompts import PromptItem
+    from rlplat.train.batch import SampleGroups
 
     monkeypatch.chdir(tmp_path)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
@@ -160,13 +164,12 @@ def test_reward_worker_imports_plugins_itself(plugin_file, tmp_path, monkeypatch
             "plugins": ["plugins/my_rewards.py"],
             "terms": [{"name": "exact_match"}, {"name": "plugins/my_rewards.py:undecorated"}],
         }
-        pool = RewardWorkerPool(config, num_workers=1, num_cpus=0.5)
-        out = pool.score([Sample(response="a", label="a"), Sample(response="b", label="a")])
-        assert [(o.components["exact_match"].score, o.components["undecorated"].score) for o in out] == [
-            (1.0, 0.5),
-            (0.0, 0.5),
-        ]
-        pool.shutdown()
+        actor = ray.remote(RewardWorker).options(num_cpus=0.5).remote(config)
+        packed = SampleGroups.pack([[1]], [[2], [3]], [torch.zeros(1)] * 2, [0, 0], ["a", "b"])
+        scores = ray.get(actor.score_groups.remote(packed, 0, [PromptItem("q", "q", "a")]))
+        # exact_match: 1 for "a", 0 for "b"; undecorated: 0.5 for both (weights 1)
+        assert scores.rewards == [1.5, 0.5]
+        ray.kill(actor)
     finally:
         ray.shutdown()
 
