@@ -31,6 +31,12 @@ import numpy as np
 import pytest
 import redis
 import torch
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is defined: its own library ones (tl.zeros …) when
+# triton is first imported, which importing torch._dynamo below does. So on a CPU machine it is switched on
+# here, first; with a GPU the kernels compile for real unless it is set by hand.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch._dynamo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -151,8 +157,10 @@ def _process_state() -> dict[tuple, object]:
         handler = signal.getsignal(sig)
         # pytest-timeout installs a new SIGALRM handler for each test
         owner = getattr(handler, "__module__", None) or ""
-        if owner == "pytest_timeout":  # installed anew for each test
-            handler = "pytest-timeout's handler"
+        if owner == "pytest_timeout" or (sig == signal.SIGALRM and handler == signal.SIG_DFL):
+            # pytest-timeout installs its SIGALRM handler for each test and takes it off again, in an order
+            # relative to this fixture that varies: its handler and the default are the same state here
+            handler = "default or pytest-timeout's handler"
         elif owner.startswith("ray."):
             handler = "Ray's handler"
         state["signal", sig] = handler
