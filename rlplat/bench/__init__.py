@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from rlplat.bench import kernels, model, rollout, sandbox, train
+    from rlplat.bench import kernels, loop, model, rollout, sandbox, train
 
     p = sub.add_parser("bench", help="benchmarks (results are written to a file naming the hardware)")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
@@ -15,3 +15,4 @@ def register(sub) -> None:
     train.register(bench_sub)
     rollout.register(bench_sub)
     sandbox.register(bench_sub)
+    loop.register(bench_sub)
