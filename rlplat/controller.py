@@ -17,7 +17,9 @@ owns the Redis stream (they are JSON there, to survive a crash), and are put in 
 Before RL, a short supervised warm start (``run.warm_start_steps``) teaches the format of the answers on the
 training prompts' reference answers. It goes through the trainer's own RL step with advantages of 1 and
 π_old = π, whose gradient is the NLL gradient, so there is one optimizer and one code path. The KL reference
-(when on) is then reset to the warm-started policy.
+(when on) is then reset to the warm-started policy. A stop (Ctrl-C) mid-way checkpoints the warm start after its
+current step, and resume continues it from there, bitwise as if it had not stopped (its batches are functions
+of the step; tests/train/test_warm_start_resume.py); restarting it instead would throw the steps away.
 
 Deviations from the papers, on purpose:
 - One optimizer step per batch (PPO and GRPO take several mini-batch epochs). With an exact backend and
@@ -121,8 +123,9 @@ class Controller:
     def run(
         self, resume: bool, should_stop: Callable[[], bool], progress: ProgressHooks | None = None
     ) -> int:
-        """Resume from the latest checkpoint (``resume``) or warm start, then RL steps until ``run.steps`` or
-        ``should_stop()``; the steps done are checkpointed. Returns the next step."""
+        """Resume from the latest checkpoint (``resume``) and/or warm start, then RL steps until ``run.steps`` or
+        ``should_stop()`` (checked after every warm-start and RL step); the steps done are checkpointed. Returns
+        the next RL step."""
         cfg, progress = self.cfg, progress or ProgressHooks()
         step, ckpt = 0, latest_checkpoint(self.run_dir / CHECKPOINTS) if resume else None
         warm, warm_steps = 0, cfg.run.warm_start_steps  # warm-start steps done, and to do
