@@ -38,8 +38,7 @@ def lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
 
 
-def test_run_writes_everything_and_resumes(local_ray, tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_SERVICE", raising=False)  # wandb.init (offline too) sets it for the process
+def test_run_writes_everything_and_resumes(local_ray, tmp_path):
     assert main(["run", str(ROOT / "configs/tiny_math.yaml"), f"run.output_dir={tmp_path}", *TINY]) == 0
     (run_dir,) = tmp_path.iterdir()
     for name in (
