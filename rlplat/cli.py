@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         console.print("error:", style="bold red", end=" ")
         console.print(str(err), markup=False, highlight=False, soft_wrap=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (e.g. while Ray starts): no traceback
+        Console(stderr=True).print("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

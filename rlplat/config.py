@@ -11,6 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -244,7 +245,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} is not of the form key.path=value")
     try:
-        base = OmegaConf.create({}) if path is None else OmegaConf.load(_existing(path))
+        base = OmegaConf.create({}) if path is None else _load_yaml(_existing(path))
         for item in overrides:
             _check_list_indices(base, item.partition("=")[0])
         # Applied to the loaded file, not merged from a separate tree: only here can `terms.0.name` find
@@ -294,6 +295,22 @@ def _check_list_indices(base: Any, key: str) -> None:
                     f"{parts[index]} to change; set the whole list, e.g. {path}='[{{...}}]'"
                 )
             return
+
+
+def _load_yaml(path: Path) -> Any:
+    """The file's YAML; a syntax error becomes one line naming the file, line and column (PyYAML's own
+    message spans four lines and names the position twice)."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        context_mark = getattr(err, "context_mark", None)
+        if context and context_mark is not None:
+            problem += f" ({context} that starts on line {context_mark.line + 1})"
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
 
 
 def _existing(path: str | Path) -> Path:

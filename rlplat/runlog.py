@@ -220,7 +220,12 @@ class RunLog:
             if not f.closed:
                 f.close()
         if self._wandb_run is not None:
+            import wandb
+
             self._wandb_run.finish()
+            # finish() leaves wandb's service process and WANDB_SERVICE behind for the next run in this process;
+            # a run log is the process's only wandb user, so its end is wandb's end
+            wandb.teardown()
             self._wandb_run = None
 
     def __enter__(self) -> RunLog:

@@ -188,7 +188,12 @@ def load_checkpoint(trainer: Checkpointable, path: str | Path) -> Any:
     if not (path / META_FILE).exists():
         raise ValueError(f"{path} is not a trainer checkpoint (no {META_FILE}); pass a step-* directory")
     trainer.read_checkpoint(path)
-    return json.loads((path / META_FILE).read_text())["data_position"]
+    return load_data_position(path)
+
+
+def load_data_position(path: str | Path) -> Any:
+    """The data position a committed checkpoint directory holds, without loading its tensors."""
+    return json.loads((Path(path) / META_FILE).read_text())["data_position"]
 
 
 def decay_weights(schedule: str, k: int) -> list[float]:
@@ -266,6 +271,15 @@ def _hf_dir(path: Path) -> Path:
         return path
     if (path / HF_DIR / "config.json").exists():
         return path / HF_DIR
+    if (path / LATEST).exists():
+        raise ValueError(f"{path} holds checkpoints; pass its step-* directories (oldest first)")
+    if (path / TRAINER_FILE).exists():
+        # trainer.pt holds the weights without the model config that makes them loadable on their own
+        raise ValueError(
+            f"{path} is a trainer checkpoint without an HF export ({HF_DIR}/); merge reads HF weights: turn on "
+            "trainer.checkpoint.export_hf=true (on a new run, or `rlplat run --resume RUN_DIR "
+            "trainer.checkpoint.export_hf=true` for the checkpoints from then on) and pass its step-* directories"
+        )
     raise ValueError(
         f"{path} is not an HF checkpoint (no config.json) nor a trainer checkpoint with {HF_DIR}/"
     )

@@ -678,12 +678,16 @@ class Trainer:
         return loss
 
     def _lr(self) -> float:
-        cfg, k = self.config, self.step + 1  # this step's number, from 1
-        if k <= cfg.lr_warmup_steps:
-            return cfg.lr * k / cfg.lr_warmup_steps
-        if cfg.lr_decay == "constant":
-            return cfg.lr
-        # progress through the decay: 0 at the end of the warm-up, 1 at lr_decay_steps and after
-        t = min(1.0, (k - cfg.lr_warmup_steps) / (cfg.lr_decay_steps - cfg.lr_warmup_steps))
-        shape = 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-        return cfg.lr * (cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * shape)
+        return scheduled_lr(self.config, self.step + 1)  # this step's number, from 1
+
+
+def scheduled_lr(cfg: TrainerConfig, k: int) -> float:
+    """The learning rate of RL step ``k`` (from 1) under ``cfg``'s warm-up and decay (``lr_decay_steps`` set)."""
+    if k <= cfg.lr_warmup_steps:
+        return cfg.lr * k / cfg.lr_warmup_steps
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    # progress through the decay: 0 at the end of the warm-up, 1 at lr_decay_steps and after
+    t = min(1.0, (k - cfg.lr_warmup_steps) / (cfg.lr_decay_steps - cfg.lr_warmup_steps))
+    shape = 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return cfg.lr * (cfg.lr_min_ratio + (1.0 - cfg.lr_min_ratio) * shape)

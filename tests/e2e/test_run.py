@@ -1,13 +1,18 @@
-"""`rlplat run` end to end on the tiny model: the run directory, exact alignment, resume, and bad input."""
+"""`rlplat run` end to end on the tiny model: the run directory, exact alignment, resume, Ctrl-C, merging a run's
+checkpoints, and bad input."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rlplat.cli import main
+from rlplat.train.checkpoint import latest_checkpoint, load_data_position
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.ray
@@ -25,6 +30,7 @@ TINY = [
     "algo.kl.coef=0.01",
     "algo.correction.method=icepop",
     "algo.correction.use_rollout_logp_as_old=false",  # IcePop needs the trainer's own π_old
+    "trainer.checkpoint.export_hf=true",  # so that `rlplat merge` can average the run's checkpoints
 ]
 
 
@@ -58,6 +64,88 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
 
     assert main(["run", "--resume", str(run_dir), "run.steps=3"]) == 0
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert "steps: 3" in (run_dir / "config.yaml").read_text()  # the resume's override is recorded
+
+    steps = sorted((run_dir / "checkpoints").glob("step-*"))[-2:]
+    assert main(["merge", *map(str, steps), "--out", str(tmp_path / "merged")]) == 0
+    from rlplat.models import load_pretrained
+
+    load_pretrained(tmp_path / "merged")
+
+
+def start_run(tmp_path, *overrides):
+    """`rlplat run` as a user starts it, on this module's Ray cluster (no second cluster to start)."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    args = [sys.executable, "-m", "rlplat.cli", "run", str(ROOT / "configs/tiny_math.yaml")]
+    args += [f"run.output_dir={tmp_path}", *WARM, *overrides]
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+def wait_for_workers(tmp_path, proc) -> Path:
+    """The run directory once the controller's workers exist (it opens metrics.jsonl last): the warm start's
+    first step is then waiting on the trainer actor."""
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    return next(tmp_path.glob("*/metrics.jsonl")).parent
+
+
+WARM = [  # a warm start long enough to be interrupted, then one quick RL step
+    "run.warm_start_steps=30",
+    "run.warm_start_batch_size=2",
+    "run.steps=1",
+    "run.eval_every=0",
+    "data.eval_prompts=4",
+    "data.prompts_per_step=4",
+    "rollout.sampling.n=2",
+    "wandb.mode=disabled",
+]
+
+
+def test_ctrl_c_in_the_warm_start_checkpoints_it_and_resume_finishes_it(local_ray, tmp_path, capsys):
+    proc = start_run(tmp_path)
+    run_dir = wait_for_workers(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"rlplat run --resume {run_dir}" in " ".join(err.split())
+    position = load_data_position(latest_checkpoint(run_dir / "checkpoints"))
+    done = position["warm_start_done"]
+    assert 1 <= done < 30 and position["next_step"] == 0
+
+    # no hf/ export in these checkpoints: merge names the setting
+    assert (
+        main(["merge", str(run_dir / "checkpoints" / f"step-{done:08d}"), "--out", str(tmp_path / "m")]) == 2
+    )
+
+    assert main(["run", "--resume", str(run_dir)]) == 0  # the warm start's remaining steps, then RL
+    assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1]
+    # the stopped warm start's checkpoint (step-<done>) is gone once the finished one is saved
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
+        "step-00000000",
+        "step-00000001",
+    ]
+
+
+def test_second_ctrl_c_aborts_without_a_traceback(local_ray, tmp_path):
+    proc = start_run(tmp_path)
+    wait_for_workers(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    # The second Ctrl-C only once the first was handled: two signals that reach Python while the driver waits
+    # in ray.get run its handler once. It then lands while the stop's checkpoint is written.
+    err = []
+    for line in proc.stderr:
+        err.append(line)
+        if "stopping after this step" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    err.append(proc.communicate(timeout=120)[1])
+    err = "".join(err)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and ("aborted" in err or "interrupted" in err), err[-2000:]
 
 
 @pytest.mark.parametrize(
