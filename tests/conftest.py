@@ -53,6 +53,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.
 PYTEST_ENV = ("PYTEST_CURRENT_TEST",)
 # Not part of the checkout's state: caches, environments and build metadata.
 CHECKOUT_SKIP = {".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis"}
+# OpenTelemetry's exporters: started once per process by wandb on first use and never stopped (wandb.teardown
+# leaves them), so whichever test first logs to wandb would be blamed for them
+PROCESS_LIFETIME_THREADS = ("Otel",)
 GRACE_S = 15.0  # for processes and threads that a module's teardown stopped but that are still exiting
 
 
@@ -330,7 +333,11 @@ def _module_leftovers(processes, threads, files, ray_was) -> list[str]:
     deadline = time.monotonic() + GRACE_S
     while True:
         new_processes = {p: n for p, n in _descendants().items() if p not in processes}
-        new_threads = [t for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
+        new_threads = [
+            t
+            for t in threading.enumerate()
+            if t.ident not in threads and t.is_alive() and not t.name.startswith(PROCESS_LIFETIME_THREADS)
+        ]
         if not (new_processes or new_threads) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
