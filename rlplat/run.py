@@ -2,18 +2,32 @@
 
 Everything that can be checked without workers is checked first (config, data, reward names, tokenizer, the Ray
 address), and the run directory is created only afterwards, so bad input leaves nothing behind. A run
-directory holds ``config.yaml``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``, ``checkpoints/``,
-``tokenizer/`` (for presets) and ``wandb/``. Ctrl-C finishes the current step, checkpoints and exits; a
-second Ctrl-C aborts.
+directory holds ``config.yaml``, ``run.log``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``,
+``checkpoints/``, ``tokenizer/`` (for presets) and ``wandb/``.
+
+What the run says as it goes: first the run directory and the command that serves its dashboard, then one
+line per step (step, reward, accuracy, reward errors, mismatch max |Δlogp|, throughput, step time), reward
+warnings with the step's first error text, and the reason it stopped. All of it goes to ``run.log`` (plain
+lines, appended on resume). On the terminal a progress bar replaces the per-step lines; when stderr is not a
+terminal (``ray job submit``, nohup, a CI log) the plain lines are printed on stderr instead.
+
+Exit codes: 0 done; 130 stopped by Ctrl-C (it finishes the current step and checkpoints; a second Ctrl-C
+aborts); 2 bad input (nothing created); 1 stopped because every sample's reward failed for
+``run.stop_after_failed_reward_steps`` steps (checkpointed; the message quotes the error and the resume
+command).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.util
+import logging
 import shutil
 import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -22,6 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rlplat.config import ExperimentConfig, load_config, to_yaml
 
 console = Console(stderr=True)
+RUN_LOG = "run.log"
 
 
 def preflight(cfg: ExperimentConfig) -> None:
@@ -115,11 +130,62 @@ def _new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
+class _ConsoleHandler(logging.Handler):
+    """Log records on the rich console, so that they print above a live progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+            console.print(prefix + self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path, plain: bool) -> Iterator[logging.Logger]:
+    """The ``rlplat`` loggers (this module's, the controller's) to ``RUN_DIR/run.log`` and to the console:
+    every line when ``plain`` (no terminal), else warnings only, the progress bar showing the rest. The
+    logger is put back as it was on exit (it is process-wide: a test, or a second run, starts clean)."""
+    package = logging.getLogger("rlplat")
+    file = logging.FileHandler(run_dir / RUN_LOG, encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    screen = _ConsoleHandler(logging.INFO if plain else logging.WARNING)
+    level = package.level
+    package.setLevel(logging.INFO)
+    package.addHandler(file)
+    package.addHandler(screen)
+    try:
+        yield logging.getLogger(__name__)
+    finally:
+        package.removeHandler(screen)
+        package.removeHandler(file)
+        file.close()
+        package.setLevel(level)
+
+
+def step_line(step: int, total: int, m: dict) -> str:
+    """One RL step's plain progress line, from its metrics (``step`` counts from 0)."""
+    parts = [f"step {step + 1}/{total}", f"reward {m['reward/mean']:.3f}"]
+    if "accuracy/train" in m:
+        parts.append(f"acc {m['accuracy/train']:.2f}")
+    if "accuracy/eval" in m:
+        parts.append(f"eval {m['accuracy/eval']:.2f}")
+    parts.append(f"reward_errors {m['reward/errors']:g}/{m['samples/scored']:g}")
+    if "mismatch/max_abs_dlogp" in m:
+        parts.append(f"mismatch {m['mismatch/max_abs_dlogp']:.3g}")
+    parts.append(f"rollout {m['throughput/rollout_tokens_per_s']:.0f} tok/s")
+    if "throughput/train_tokens_per_s" in m:
+        parts.append(f"train {m['throughput/train_tokens_per_s']:.0f} tok/s")
+    parts.append(f"step {m['time/step_s']:.1f}s")
+    return "  ".join(parts)
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
     from actors.cluster import init_ray
-    from rlplat.controller import Controller, ProgressHooks
+    from rlplat.controller import Controller, ProgressHooks, RewardsFailedError
 
     stop = {"requested": False}
+    plain = not sys.stderr.isatty()
 
     def on_sigint(signum, frame):
         if stop["requested"]:
@@ -129,38 +195,61 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        where = init_ray(num_cpus=None)
-        check_resources(cfg)
-        controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
-        try:
-            with _progress_bar() as bar:
-                warm = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="", visible=False)
-                rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
+        with _run_log(run_dir, plain) as log:
 
-                def resumed(checkpoint: Path, step: int) -> None:
-                    console.print(f"resumed from {checkpoint} at step {step}")
-                    bar.update(rl, completed=step)
+            def say(message: str) -> None:
+                log.info(message)
+                if not plain:  # on a terminal the console handler shows warnings only, next to the bar
+                    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-                def warm_start(k: int, m: dict) -> None:
-                    bar.update(warm, completed=k + 1, status=f"nll {m['nll']:.3f}", visible=True)
+            say(f"run directory: {run_dir}  (dashboard: rlplat dashboard {run_dir})")
+            where = init_ray(num_cpus=None)
+            check_resources(cfg)
+            controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
+            try:
+                with _progress_bar(plain) as bar:
+                    warm = bar.add_task(
+                        "warm start", total=cfg.run.warm_start_steps, status="", visible=False
+                    )
+                    rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
 
-                def on_step(step: int, m: dict) -> None:
-                    status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
-                    if "accuracy/eval" in m:
-                        status += f" eval {m['accuracy/eval']:.2f}"
-                    bar.update(rl, completed=step + 1, status=status)
+                    def resumed(checkpoint: Path, step: int) -> None:
+                        say(f"resumed from {checkpoint} at step {step}")
+                        bar.update(rl, completed=step)
 
-                hooks = ProgressHooks(resumed, warm_start, on_step)
-                end = controller.run(resume, lambda: stop["requested"], hooks)
-        finally:
-            controller.close()  # the producer thread and the embedded Redis too, on any exit
-        console.print(f"run directory: {run_dir}")
-        return 130 if stop["requested"] and end < cfg.run.steps else 0
+                    def warm_start(k: int, m: dict) -> None:
+                        log.info("warm start %d/%d  nll %.3f", k + 1, cfg.run.warm_start_steps, m["nll"])
+                        bar.update(warm, completed=k + 1, status=f"nll {m['nll']:.3f}", visible=True)
+
+                    def on_step(step: int, m: dict) -> None:
+                        log.info("%s", step_line(step, cfg.run.steps, m))
+                        status = f"reward {m['reward/mean']:.3f}"
+                        if "accuracy/train" in m:
+                            status += f" acc {m['accuracy/train']:.2f}"
+                        if "accuracy/eval" in m:
+                            status += f" eval {m['accuracy/eval']:.2f}"
+                        if m["reward/errors"]:
+                            status += f" [red]reward errors {m['reward/errors']:g}/{m['samples/scored']:g}[/]"
+                        bar.update(rl, completed=step + 1, status=status)
+
+                    hooks = ProgressHooks(resumed, warm_start, on_step)
+                    end = controller.run(resume, lambda: stop["requested"], hooks)
+            except RewardsFailedError as err:
+                log.error("%s", err)  # on the console too: the error handler's level is below it
+                return 1
+            finally:
+                controller.close()  # the producer thread and the embedded Redis too, on any exit
+            interrupted = stop["requested"] and end < cfg.run.steps
+            say(
+                f"{'stopped by Ctrl-C' if interrupted else 'finished'} after step {end}; run directory: {run_dir}"
+            )
+            return 130 if interrupted else 0
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress_bar() -> Progress:
+def _progress_bar(plain: bool) -> Progress:
+    """The live bar on a terminal; without one (``plain``) it is never drawn and the plain lines stand in."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -168,6 +257,7 @@ def _progress_bar() -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
+        disable=plain,
     )
 
 
