@@ -52,6 +52,8 @@ TIME = "time"
 
 REWARD_MEAN = "reward/mean"
 REWARD_EVAL_MEAN = "reward/eval_mean"
+# Share of samples correct by ``rewards.runner.term_passes`` (a verdict, else score >= the term's
+# correct_threshold, so plain-float rewards have one too); absent when no term counts toward accuracy.
 ACCURACY_TRAIN = "accuracy/train"
 ACCURACY_EVAL = "accuracy/eval"
 KL_REF = "kl/ref"
