@@ -37,6 +37,7 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     for name in (
         "config.yaml",
+        "run.log",
         "metrics.jsonl",
         "rollouts.jsonl",
         "dashboard.html",
@@ -58,6 +59,12 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
 
     assert main(["run", "--resume", str(run_dir), "run.steps=3"]) == 0
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    log = (run_dir / "run.log").read_text()  # appended to on resume
+    assert (
+        log.count(f"(dashboard: rlplat dashboard {run_dir})") == 2
+        and "resumed from" in log
+        and "step 3/3  reward" in log
+    )
 
 
 @pytest.mark.parametrize(
