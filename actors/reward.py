@@ -3,7 +3,7 @@
 
 ``RewardWorker`` is an async actor, so several batches can be in flight in one worker and a slow reward call
 (a code run, a judge request) only occupies its own task. It reads the samples straight from the rollout
-worker's object ref and returns only scores; whole groups go to one call (a group reward must see the whole
+worker's object ref and returns only scores and their summary (``Scores``); whole groups go to one call (a group reward must see the whole
 group). ``RewardPool.take_metrics`` merges the workers' per-reward call, error, timeout and latency counts.
 """
 
@@ -18,6 +18,7 @@ from actors.pool import WorkerPool, shard
 from actors.rollout import Rollouts
 from rewards.api import Sample
 from rewards.runner import RewardRunner, ScoredSample
+from rewards.summary import RewardSummary, summarize
 from rlplat.data.prompts import PromptItem
 from rlplat.reward_config import RewardsConfig
 from rlplat.train.batch import SampleGroups
@@ -25,11 +26,24 @@ from rlplat.train.batch import SampleGroups
 
 @dataclass
 class Scores:
-    """Per sample, in order: the combined reward, whether every verdict was "correct", whether a reward erred."""
+    """Per sample, in order: the combined reward, the accuracy verdict (``ScoredSample.correct``: None when
+    no reward term counts toward accuracy) and whether a reward erred; and the batch's ``RewardSummary``
+    (per-term means, error and timeout counts, the first error's text). Per-sample error texts and the
+    rewards' ``info`` stay on the worker: the summary is all the driver reports."""
 
     rewards: list[float]
-    correct: list[bool]
+    correct: list[bool | None]
     errors: list[bool]
+    summary: RewardSummary
+
+    @staticmethod
+    def of(scored: list[ScoredSample]) -> Scores:
+        return Scores(
+            [x.score for x in scored],
+            [x.correct for x in scored],
+            [bool(x.errors) for x in scored],
+            summarize(scored),
+        )
 
     @staticmethod
     def merge(parts: list[Scores]) -> Scores:
@@ -37,12 +51,8 @@ class Scores:
             [x for p in parts for x in p.rewards],
             [x for p in parts for x in p.correct],
             [x for p in parts for x in p.errors],
+            RewardSummary.merge([p.summary for p in parts]),
         )
-
-
-def is_correct(scored: ScoredSample) -> bool:
-    verdicts = [r.verdict for r in scored.components.values() if r.verdict is not None]
-    return bool(verdicts) and all(v == "correct" for v in verdicts)
 
 
 class RewardWorker:
@@ -70,10 +80,7 @@ class RewardWorker:
             for k, item in enumerate(items)
             for j in range(n)
         ]
-        scored = await self.runner.ascore(batch)
-        return Scores(
-            [x.score for x in scored], [is_correct(x) for x in scored], [bool(x.errors) for x in scored]
-        )
+        return Scores.of(await self.runner.ascore(batch))
 
     def take_metrics(self) -> dict[str, float]:
         """The runner's counts since the last call (then reset); ``reward/abandoned_threads`` is cumulative."""

@@ -57,7 +57,10 @@ class TrainerWorker:
         self.trainer = Trainer(build_policy(cfg.model), cfg.algo, cfg.trainer, dp=dp)
 
     def train_step(
-        self, samples: list[ray.ObjectRef], scores: tuple[torch.Tensor, torch.Tensor], probe_rows: list[int]
+        self,
+        samples: list[ray.ObjectRef],
+        scores: tuple[torch.Tensor, torch.Tensor | None],
+        probe_rows: list[int],
     ) -> tuple[dict[str, float], list[dict[str, list] | None]]:
         """One RL step on the step's samples, read from the rollout workers' object refs (each rank builds the
         batch itself). Returns the metrics and, for ``probe_rows``, the training forward's log-probs."""
@@ -178,7 +181,10 @@ class TrainerGroup:
         """One RL step of every rank on the samples behind ``samples`` (refs of ``SampleGroups``, in order)
         with their ``scores``; the metrics and the training forward's log-probs of ``probe_rows``."""
         rewards_B = torch.tensor(scores.rewards, dtype=torch.float32)
-        correct_B = torch.tensor([float(c) for c in scores.correct])
+        # With no term counting toward accuracy (correct is None) dynamic sampling groups by reward instead,
+        # TrainBatch's documented default.
+        judged = all(c is not None for c in scores.correct)
+        correct_B = torch.tensor([float(c) for c in scores.correct]) if judged else None
         ref = ray.put((rewards_B, correct_B))
         return self._all([a.train_step.remote(samples, ref, probe_rows) for a in self.actors])
 

@@ -12,6 +12,11 @@ Metric names, for term keys ``<term>`` (``RewardSpec.key``: the label, else the 
 - ``reward/<term>_mean``, ``reward/<term>_errors``, ``reward/<term>_timeouts``: per term, over all samples
   (a failed term contributes its fallback score to the mean, as it does to the combined score).
 
+A batch sharded over reward workers is summarised per shard and joined with ``RewardSummary.merge`` (means
+weighted by their sample counts, the first error of the first shard that has one), so only the summary, not
+every sample's error text, travels back; ``as_dict`` / ``from_dict`` carry it through JSON (the async
+experience stream).
+
 Pure functions of their input; the runner's own counters (``RewardRunner.metrics``: calls, latencies) are
 cumulative per worker and are not these.
 """
@@ -19,7 +24,8 @@ cumulative per worker and are not these.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from rewards.runner import ScoredSample
 
@@ -32,6 +38,7 @@ class TermSummary:
     errors: int
     timeouts: int
     first_error: str | None
+    samples: int = 0  # samples with a result for this term (the weight of ``mean`` in a merge)
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,45 @@ class RewardSummary:
     def accuracy(self) -> float | None:
         """Correct samples over samples with an accuracy verdict; None when no term counts toward it."""
         return self.correct / self.judged if self.judged else None
+
+    @property
+    def all_failed(self) -> bool:
+        """Every sample's reward erred (and there was at least one sample)."""
+        return self.samples > 0 and self.errors == self.samples
+
+    @staticmethod
+    def merge(parts: Sequence[RewardSummary]) -> RewardSummary:
+        """One summary of the concatenated batches of ``parts`` (in order), as ``summarize`` would give."""
+        n = sum(p.samples for p in parts)
+        keys = list(dict.fromkeys(k for p in parts for k in p.terms))
+        terms = {}
+        for key in keys:
+            ts = [p.terms[key] for p in parts if key in p.terms]
+            count = sum(t.samples for t in ts)
+            terms[key] = TermSummary(
+                mean=sum(t.mean * t.samples for t in ts) / count if count else 0.0,
+                errors=sum(t.errors for t in ts),
+                timeouts=sum(t.timeouts for t in ts),
+                first_error=next((t.first_error for t in ts if t.first_error is not None), None),
+                samples=count,
+            )
+        return RewardSummary(
+            samples=n,
+            mean=sum(p.mean * p.samples for p in parts) / n if n else 0.0,
+            errors=sum(p.errors for p in parts),
+            first_error=next((p.first_error for p in parts if p.first_error is not None), None),
+            correct=sum(p.correct for p in parts),
+            judged=sum(p.judged for p in parts),
+            terms=terms,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> RewardSummary:
+        terms = {k: TermSummary(**t) for k, t in data["terms"].items()}
+        return RewardSummary(**{**data, "terms": terms})
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         m: dict[str, float] = {f"{prefix}/mean": self.mean, f"{prefix}/errors": float(self.errors)}
@@ -80,6 +126,7 @@ def summarize(scored: Sequence[ScoredSample]) -> RewardSummary:
             errors=len(failed),
             timeouts=sum(r.verdict == "timeout" for r in failed),
             first_error=failed[0].error if failed else None,
+            samples=len(results),
         )
     failed_samples = [s for s in scored if s.errors]
     judged = [s.correct for s in scored if s.correct is not None]

@@ -22,7 +22,8 @@ deterministic, so the replayed weights (and versions) are the ones the lost trai
 
 A stream entry is one scored sample as JSON (``to_records`` / ``from_records``): its step, prompt and
 sample index, response token ids, rollout log-probs (float32 → JSON → float32 is exact), text, reward,
-correctness, whether a reward erred, and the step's rollout and reward times.
+correctness, whether a reward erred, and the step's rollout and reward times; the step's first record also
+carries the step's reward summary (per-term means and errors, the first error's text).
 """
 
 from __future__ import annotations
@@ -33,20 +34,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from actors.reward import Scores
+from rewards.summary import RewardSummary
 from rlplat.buffer import Entry, ExperienceStream
 from rlplat.train.batch import SampleGroups
 
 
 def to_records(
-    parts: list[SampleGroups],
-    rewards: list[float],
-    correct: list[bool],
-    errors: list[bool],
-    step: int,
-    rollout_s: float,
-    reward_s: float,
+    parts: list[SampleGroups], scores: Scores, step: int, rollout_s: float, reward_s: float
 ) -> list[dict]:
-    """One JSON-able record per sample of ``parts`` (in order, with its score), for the stream."""
+    """One JSON-able record per sample of ``parts`` (in order, with its score), for the stream. The step's
+    reward summary rides on its first record only (prompt 0, sample 0): it holds error texts, and a step's
+    records are published, and read back, together."""
     records = []
     for part in parts:
         n, texts = part.group_size, part.texts or [""] * len(part.response_lengths_S)
@@ -56,17 +55,17 @@ def to_records(
             k = len(records)
             records.append({
                 "step": step, "prompt": k // n, "sample": k % n, "tokens": tokens, "logprobs": logp.tolist(),
-                "text": text, "version": version, "score": rewards[k], "correct": correct[k],
-                "reward_error": errors[k], "rollout_s": rollout_s, "reward_s": reward_s,
+                "text": text, "version": version, "score": scores.rewards[k], "correct": scores.correct[k],
+                "reward_error": scores.errors[k], "rollout_s": rollout_s, "reward_s": reward_s,
             })  # fmt: skip
+    if records:
+        records[0]["reward_summary"] = scores.summary.as_dict()
     return records
 
 
-def from_records(
-    records: list[dict], prompts: list[list[int]]
-) -> tuple[SampleGroups, list[float], list[bool], list[bool]]:
-    """The samples of a step's records (sorted by prompt and sample) and their rewards, correctness and
-    reward-error flags; ``prompts`` are the step's prompt token ids."""
+def from_records(records: list[dict], prompts: list[list[int]]) -> tuple[SampleGroups, Scores]:
+    """The samples of a step's records (sorted by prompt and sample) and their scores; ``prompts`` are the
+    step's prompt token ids."""
     samples = SampleGroups.pack(
         prompts,
         [r["tokens"] for r in records],
@@ -74,12 +73,13 @@ def from_records(
         [r["version"] for r in records],
         [r["text"] for r in records],
     )
-    return (
-        samples,
+    scores = Scores(
         [r["score"] for r in records],
         [r["correct"] for r in records],
         [r["reward_error"] for r in records],
+        RewardSummary.from_dict(records[0]["reward_summary"]),
     )
+    return samples, scores
 
 
 class AsyncRollout:

@@ -101,6 +101,14 @@ class RunSection(Section):
         10, ge=0, description="Checkpoint every N steps (0: only at the end and on Ctrl-C)."
     )
     rollouts_logged: int = Field(4, ge=0, description="Rollouts per step written to rollouts.jsonl.")
+    stop_after_failed_reward_steps: int = Field(
+        3,
+        ge=0,
+        description=(
+            "Stop (checkpoint, exit non-zero with the first error) after this many steps in a row on which "
+            "every sample's reward erred; 0: never."
+        ),
+    )
     mode: Literal["sync", "async"] = Field(
         "sync",
         description=(

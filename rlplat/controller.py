@@ -36,6 +36,12 @@ Deviations from the papers, on purpose:
 - The papers start RL from an instruction-tuned checkpoint; the tiny preset starts from random weights, hence
   the warm start.
 
+Reward failures never stop a step (``rewards.runner``), so they are reported: per-term means and error counts
+in metrics.jsonl (``rewards.summary``), and a warning with the step's first error text on the
+``rlplat.controller`` logger (``rlplat run`` writes it to run.log). A run whose every sample's reward erred
+for ``run.stop_after_failed_reward_steps`` steps in a row is learning nothing: it checkpoints and raises
+``RewardsFailedError`` quoting that error.
+
 Faults: a rollout or reward worker that dies is replaced (``workers.max_restarts``); the replacement gets
 the current weights and the same prompts again, so each step's prompts are scored exactly once
 (`prompts/scored` in metrics.jsonl counts them). A trainer that dies is replaced from the latest
@@ -46,6 +52,7 @@ entries in async mode.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import time
@@ -60,6 +67,7 @@ import torch
 from actors.reward import RewardPool, RewardWorker, Scores
 from actors.rollout import RolloutPool, Rollouts, RolloutSummary, RolloutWorker
 from actors.trainer import TrainerGroup
+from rewards.summary import RewardSummary
 from rlplat.async_rollout import AsyncRollout, from_records, to_records
 from rlplat.buffer import ExperienceStream
 from rlplat.config import ExperimentConfig
@@ -70,6 +78,13 @@ from rlplat.train.batch import SampleGroups
 from rlplat.train.checkpoint import latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
+
+logger = logging.getLogger(__name__)
+
+
+class RewardsFailedError(RuntimeError):
+    """Every sample's reward failed for ``run.stop_after_failed_reward_steps`` steps in a row; the steps
+    trained are checkpointed, and the message says what failed and how to continue."""
 
 
 @dataclass
@@ -154,6 +169,7 @@ class Controller:
             self.drop_warm_start_checkpoints()
         if cfg.run.mode == "async":
             self.source = self.start_async(step)
+        failing = 0  # consecutive steps on which every sample's reward erred
         while step < cfg.run.steps and not should_stop():
             t0 = time.perf_counter()
             prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
@@ -170,6 +186,7 @@ class Controller:
                 step = self.replace_trainer()  # from the latest checkpoint; its steps are trained again
                 continue
             t2 = time.perf_counter()
+            failing = self.report_reward_errors(step, samples.scores.summary, failing)
             self.push_weights()  # new policy version
             if self.source is not None:
                 self.source.trained(step + 1, samples.entry_ids)
@@ -187,8 +204,30 @@ class Controller:
             self.log.write_dashboard()
             progress.step(step, metrics)
             step += 1
+            if 0 < cfg.run.stop_after_failed_reward_steps <= failing:
+                break
         self.checkpoint(step - 1)  # at the end, and on a stop: every step trained so far
+        if 0 < cfg.run.stop_after_failed_reward_steps <= failing:
+            raise RewardsFailedError(
+                f"every sample's reward failed in the last {failing} steps "
+                f"(run.stop_after_failed_reward_steps={cfg.run.stop_after_failed_reward_steps}); the first "
+                f"error of step {step}: {samples.scores.summary.first_error}. The {step} steps trained are "
+                f"checkpointed: fix the reward, then continue with `rlplat run --resume {self.run_dir}`"
+            )
         return step
+
+    @staticmethod
+    def report_reward_errors(step: int, summary: RewardSummary, failing: int) -> int:
+        """Warn with the step's first reward error; returns the new count of consecutive all-failed steps."""
+        if summary.errors:
+            logger.warning(
+                "step %d: %d of %d samples' rewards failed; first error: %s",
+                step + 1,
+                summary.errors,
+                summary.samples,
+                summary.first_error,
+            )
+        return failing + 1 if summary.all_failed else 0
 
     def encode(self, prompts: list[PromptItem]) -> list[list[int]]:
         """Prompt token ids, memoised by prompt id: the prompts recur every epoch."""
@@ -232,36 +271,34 @@ class Controller:
         prompts = step_prompts(self.train_items, step, self.cfg.data.prompts_per_step, self.cfg.run.seed)
         s = self.sample(prompts, step)
         parts = ray.get(s.rollouts.refs)  # the stream holds the samples themselves
-        records = to_records(
-            parts, s.scores.rewards, s.scores.correct, s.scores.errors, step, s.rollout_s, s.reward_s
-        )
+        records = to_records(parts, s.scores, step, s.rollout_s, s.reward_s)
         return records, s.rollouts.summary.min_version
 
     def take(self, prompts: list[PromptItem], step: int) -> StepSamples:
         """Async mode: step ``step``'s samples from the stream, put in the object store once for the trainer."""
         records, entry_ids = self.source.take(step)
-        samples, rewards, correct, errors = from_records(records, self.encode(prompts))
+        samples, scores = from_records(records, self.encode(prompts))
         summary = RolloutSummary.of(samples, self.cfg.run.rollouts_logged)
         rollouts = Rollouts([ray.put(samples)], [list(range(len(prompts)))], summary)
         first = records[0]
-        return StepSamples(
-            rollouts, Scores(rewards, correct, errors), first["rollout_s"], first["reward_s"], entry_ids
-        )
+        return StepSamples(rollouts, scores, first["rollout_s"], first["reward_s"], entry_ids)
 
     def sample_metrics(self, prompts: list[PromptItem], samples: StepSamples) -> dict[str, float]:
-        s, n = samples.rollouts.summary, self.cfg.rollout.sampling.n
-        rewards = torch.tensor(samples.scores.rewards, dtype=torch.float32)
-        return {
+        """Counts, response lengths and the rewards' summary: ``reward/mean``, ``reward/errors`` and per term
+        ``reward/<term>_{mean,errors,timeouts}``; ``accuracy/train`` only when a term counts toward accuracy."""
+        s, n, rewards = samples.rollouts.summary, self.cfg.rollout.sampling.n, samples.scores.summary
+        out = {
             "prompts/issued": len(prompts),
             "prompts/scored": len(samples.scores.rewards) // n,
             "samples/scored": len(samples.scores.rewards),
             "samples/staleness_max": self.version - s.min_version,
-            "reward/mean": rewards.mean().item(),
-            "accuracy/train": torch.tensor([float(c) for c in samples.scores.correct]).mean().item(),
             "response/length_mean": torch.tensor(s.response_lengths).float().mean().item(),
             "response/tokens": s.response_tokens,
-            "reward/errors": sum(samples.scores.errors),
+            **rewards.metrics(),
         }
+        if rewards.accuracy is not None:
+            out["accuracy/train"] = rewards.accuracy
+        return out
 
     @staticmethod
     def train_metrics(train: dict[str, float]) -> dict[str, float]:
@@ -336,11 +373,18 @@ class Controller:
         items = self.eval_items[: self.cfg.data.eval_prompts]
         greedy = {**self.cfg.rollout.sampling.model_dump(), "n": 1, "greedy": True, "temperature": 0.0}
         with self.workers_lock:
-            scores = self.rewards.score(self.generate(items, 0, greedy), items)
-        return {
-            "accuracy/eval": sum(scores.correct) / len(scores.correct),
-            "reward/eval_mean": sum(scores.rewards) / len(scores.rewards),
-        }
+            summary = self.rewards.score(self.generate(items, 0, greedy), items).summary
+        if summary.errors:
+            logger.warning(
+                "eval: %d of %d samples' rewards failed; first error: %s",
+                summary.errors,
+                summary.samples,
+                summary.first_error,
+            )
+        out = {"reward/eval_mean": summary.mean, "reward/eval_errors": summary.errors}
+        if summary.accuracy is not None:
+            out["accuracy/eval"] = summary.accuracy
+        return out
 
     def checkpoint(self, step: int) -> None:
         """Commit every step up to ``step`` (-1: the warm start); async mode acks their samples after it."""

@@ -2,10 +2,20 @@
 
 Everything that can be checked without workers is checked first (config, data, reward names, tokenizer, the Ray
 address), and the run directory is created only afterwards, so bad input leaves nothing behind. A run
-directory holds ``config.yaml``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``, ``checkpoints/``,
-``tokenizer/`` (for presets) and ``wandb/``. Ctrl-C finishes the current step (RL or warm start), checkpoints
-and exits with 130, printing the command that resumes; a second Ctrl-C aborts at once (130, no traceback), and
-resume then starts from the last checkpoint.
+directory holds ``config.yaml``, ``run.log``, ``metrics.jsonl``, ``rollouts.jsonl``, ``dashboard.html``,
+``checkpoints/``, ``tokenizer/`` (for presets) and ``wandb/``.
+
+What the run says as it goes: first the run directory and the command that serves its dashboard, then one
+line per step (step, reward, accuracy, reward errors, mismatch max |Δlogp|, throughput, step time), reward
+warnings with the step's first error text, and the reason it stopped. All of it goes to ``run.log`` (plain
+lines, appended on resume). On the terminal a progress bar replaces the per-step lines; when stderr is not a
+terminal (``ray job submit``, nohup, a CI log) the plain lines are printed on stderr instead.
+
+Exit codes: 0 done; 2 bad input (nothing created); 1 stopped because every sample's reward failed for
+``run.stop_after_failed_reward_steps`` steps (checkpointed; the message quotes the error and the resume
+command); 130 stopped by Ctrl-C: it finishes the current step (RL or warm start), checkpoints and prints the
+command that resumes; a second Ctrl-C aborts at once (no traceback), and resume then starts from the last
+checkpoint.
 
 ``--resume RUN_DIR`` refuses what cannot continue, before any worker starts: a directory without a checkpoint,
 a finished run, and overrides of settings the checkpoint fixes (``RESUMABLE`` lists what may change). Accepted
@@ -15,14 +25,18 @@ overrides are written to the run's ``config.yaml``; a learning-rate schedule the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.util
+import logging
 import netrc
 import os
 import re
 import shlex
 import shutil
 import signal
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,6 +48,7 @@ from rlplat.config import ExperimentConfig, load_config, to_yaml
 from rlplat.runlog import WandbConfig
 
 console = Console(stderr=True)
+RUN_LOG = "run.log"
 
 # Settings an override may change on `--resume`: the rest is fixed by the checkpoint (model shape and seed,
 # optimizer kind, KL reference), by the data order (seeds, prompts per step) or by what steps already did.
@@ -196,12 +211,63 @@ def _new_run_dir(cfg: ExperimentConfig) -> Path:
     return path
 
 
+class _ConsoleHandler(logging.Handler):
+    """Log records on the rich console, so that they print above a live progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            prefix = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+            console.print(prefix + self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path, plain: bool) -> Iterator[logging.Logger]:
+    """The ``rlplat`` loggers (this module's, the controller's) to ``RUN_DIR/run.log`` and to the console:
+    every line when ``plain`` (no terminal), else warnings only, the progress bar showing the rest. The
+    logger is put back as it was on exit (it is process-wide: a test, or a second run, starts clean)."""
+    package = logging.getLogger("rlplat")
+    file = logging.FileHandler(run_dir / RUN_LOG, encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    screen = _ConsoleHandler(logging.INFO if plain else logging.WARNING)
+    level = package.level
+    package.setLevel(logging.INFO)
+    package.addHandler(file)
+    package.addHandler(screen)
+    try:
+        yield logging.getLogger(__name__)
+    finally:
+        package.removeHandler(screen)
+        package.removeHandler(file)
+        file.close()
+        package.setLevel(level)
+
+
+def step_line(step: int, total: int, m: dict) -> str:
+    """One RL step's plain progress line, from its metrics (``step`` counts from 0)."""
+    parts = [f"step {step + 1}/{total}", f"reward {m['reward/mean']:.3f}"]
+    if "accuracy/train" in m:
+        parts.append(f"acc {m['accuracy/train']:.2f}")
+    if "accuracy/eval" in m:
+        parts.append(f"eval {m['accuracy/eval']:.2f}")
+    parts.append(f"reward_errors {m['reward/errors']:g}/{m['samples/scored']:g}")
+    if "mismatch/max_abs_dlogp" in m:
+        parts.append(f"mismatch {m['mismatch/max_abs_dlogp']:.3g}")
+    parts.append(f"rollout {m['throughput/rollout_tokens_per_s']:.0f} tok/s")
+    if "throughput/train_tokens_per_s" in m:
+        parts.append(f"train {m['throughput/train_tokens_per_s']:.0f} tok/s")
+    parts.append(f"step {m['time/step_s']:.1f}s")
+    return "  ".join(parts)
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
     from actors.cluster import init_ray
-    from rlplat.controller import Controller, ProgressHooks
+    from rlplat.controller import Controller, ProgressHooks, RewardsFailedError
 
     stop = {"requested": False}
     resume_command = f"rlplat run --resume {shlex.quote(str(run_dir))}"
+    plain = not sys.stderr.isatty()
 
     def on_sigint(signum, frame):
         if stop["requested"]:
@@ -215,58 +281,73 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        where = init_ray(num_cpus=None)
-        check_resources(cfg)
-        controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
-        try:
-            with _progress_bar() as bar:
-                warm = bar.add_task("warm start", total=cfg.run.warm_start_steps, status="", visible=False)
-                rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
+        with _run_log(run_dir, plain) as log:
 
-                def resumed(checkpoint: Path, step: int) -> None:
-                    console.print(f"resumed from {checkpoint} at step {step}")
-                    bar.update(rl, completed=step)
+            def say(message: str) -> None:
+                log.info(message)
+                if not plain:  # on a terminal the console handler shows warnings only, next to the bar
+                    console.print(message, markup=False, highlight=False, soft_wrap=True)
 
-                def warm_start(k: int, m: dict) -> None:
-                    bar.update(warm, completed=k + 1, status=f"nll {m['nll']:.3f}", visible=True)
+            say(f"run directory: {run_dir}  (dashboard: rlplat dashboard {run_dir})")
+            where = init_ray(num_cpus=None)
+            check_resources(cfg)
+            controller = Controller(cfg, run_dir, tokenizer_dir(cfg, run_dir))
+            try:
+                with _progress_bar(plain) as bar:
+                    warm = bar.add_task(
+                        "warm start", total=cfg.run.warm_start_steps, status="", visible=False
+                    )
+                    rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
 
-                def on_step(step: int, m: dict) -> None:
-                    status = f"reward {m['reward/mean']:.3f} acc {m['accuracy/train']:.2f}"
-                    if "accuracy/eval" in m:
-                        status += f" eval {m['accuracy/eval']:.2f}"
-                    bar.update(rl, completed=step + 1, status=status)
+                    def resumed(checkpoint: Path, step: int) -> None:
+                        say(f"resumed from {checkpoint} at step {step}")
+                        bar.update(rl, completed=step)
 
-                hooks = ProgressHooks(resumed, warm_start, on_step)
-                end = controller.run(resume, lambda: stop["requested"], hooks)
-        finally:
-            controller.close()  # the producer thread and the embedded Redis too, on any exit
-        console.print(f"run directory: {run_dir}")
-        if stop["requested"] and end < cfg.run.steps:
-            console.print(f"stopped; resume with: {resume_command}", markup=False, soft_wrap=True)
-            return 130
-        return 0
+                    def warm_start(k: int, m: dict) -> None:
+                        log.info("warm start %d/%d  nll %.3f", k + 1, cfg.run.warm_start_steps, m["nll"])
+                        bar.update(warm, completed=k + 1, status=f"nll {m['nll']:.3f}", visible=True)
+
+                    def on_step(step: int, m: dict) -> None:
+                        log.info("%s", step_line(step, cfg.run.steps, m))
+                        status = f"reward {m['reward/mean']:.3f}"
+                        if "accuracy/train" in m:
+                            status += f" acc {m['accuracy/train']:.2f}"
+                        if "accuracy/eval" in m:
+                            status += f" eval {m['accuracy/eval']:.2f}"
+                        if m["reward/errors"]:
+                            status += f" [red]reward errors {m['reward/errors']:g}/{m['samples/scored']:g}[/]"
+                        bar.update(rl, completed=step + 1, status=status)
+
+                    hooks = ProgressHooks(resumed, warm_start, on_step)
+                    end = controller.run(resume, lambda: stop["requested"], hooks)
+            except RewardsFailedError as err:
+                log.error("%s", err)  # on the console too: the error handler's level is below it
+                return 1
+            finally:
+                controller.close()  # the producer thread and the embedded Redis too, on any exit
+            interrupted = stop["requested"] and end < cfg.run.steps
+            say(
+                f"{'stopped by Ctrl-C' if interrupted else 'finished'} after step {end}; run directory: {run_dir}"
+            )
+            if interrupted:
+                say(f"resume with: {resume_command}")
+            return 130 if interrupted else 0
     except KeyboardInterrupt:  # the second Ctrl-C: the shell's exit status for SIGINT, and no traceback
         from rlplat.controller import CHECKPOINTS
         from rlplat.train.checkpoint import latest_checkpoint
 
         if latest_checkpoint(run_dir / CHECKPOINTS) is None:
-            console.print(
-                f"aborted before the first checkpoint: {run_dir} has nothing to resume",
-                markup=False,
-                soft_wrap=True,
-            )
+            message = f"aborted before the first checkpoint: {run_dir} has nothing to resume"
         else:
-            console.print(
-                f"aborted; resume from the last checkpoint with: {resume_command}",
-                markup=False,
-                soft_wrap=True,
-            )
+            message = f"aborted; resume from the last checkpoint with: {resume_command}"
+        console.print(message, markup=False, soft_wrap=True)
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _progress_bar() -> Progress:
+def _progress_bar(plain: bool) -> Progress:
+    """The live bar on a terminal; without one (``plain``) it is never drawn and the plain lines stand in."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -274,6 +355,7 @@ def _progress_bar() -> Progress:
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
+        disable=plain,
     )
 
 

@@ -52,6 +52,8 @@ TIME = "time"
 
 REWARD_MEAN = "reward/mean"
 REWARD_EVAL_MEAN = "reward/eval_mean"
+# Share of samples correct by ``rewards.runner.term_passes`` (a verdict, else score >= the term's
+# correct_threshold, so plain-float rewards have one too); absent when no term counts toward accuracy.
 ACCURACY_TRAIN = "accuracy/train"
 ACCURACY_EVAL = "accuracy/eval"
 KL_REF = "kl/ref"
@@ -80,6 +82,7 @@ TRAIN_KL_IN_REWARD = "train/kl_in_reward"  # algo.kl.mode: reward (kl/ref is the
 REWARD_ERRORS = "reward/errors"  # samples of the step whose reward raised or timed out
 # Mean score of one reward term per step; ``term`` is the term's rewards.terms label (or name).
 REWARD_TERM_MEAN = "reward/{term}_mean"
+REWARD_TERM_ERRORS = "reward/{term}_errors"  # samples of the step on which that term raised or timed out
 STREAM_UNDELIVERED = "stream/undelivered"  # async mode: entries published, not yet read
 STREAM_PENDING = "stream/pending"  # async mode: read, not yet acked by a checkpoint
 # the reward workers' calls since the previous line, over every reward term (per term: reward/<term>/...)
@@ -119,8 +122,9 @@ class Series:
 
 @dataclass(frozen=True)
 class Chart:
-    """One chart. ``per_term`` charts have one series per reward term, keys ``REWARD_TERM_MEAN``, found at
-    render time (config.yaml's rewards.terms, and any such key in metrics.jsonl)."""
+    """One chart. A ``per_term`` chart adds one series per reward term after ``series``, its key the
+    ``per_term`` template (``REWARD_TERM_MEAN``, ``REWARD_TERM_ERRORS``) filled with the term; the terms are
+    found at render time (config.yaml's rewards.terms, and any ``REWARD_TERM_MEAN`` key in metrics.jsonl)."""
 
     id: str
     title: str
@@ -128,7 +132,7 @@ class Chart:
     series: tuple[Series, ...]
     kind: Literal["line", "stacked_bar"] = "line"
     switch: Switch | None = None
-    per_term: bool = False
+    per_term: str | None = None
 
 
 CHARTS: tuple[Chart, ...] = (
@@ -149,10 +153,14 @@ CHARTS: tuple[Chart, ...] = (
         "Reward terms",
         "mean score of the term",
         (),
-        per_term=True,
+        per_term=REWARD_TERM_MEAN,
     ),
     Chart(
-        "reward_errors", "Reward errors", "samples (raised or timed out)", (Series(REWARD_ERRORS, "errors"),)
+        "reward_errors",
+        "Reward errors",
+        "samples (raised or timed out)",
+        (Series(REWARD_ERRORS, "errors"),),
+        per_term=REWARD_TERM_ERRORS,
     ),
     Chart("loss", "Loss", "policy loss + KL and entropy terms", (Series(TRAIN_LOSS, "loss"),)),
     Chart("grad_norm", "Gradient norm", "‖g‖₂ before clipping", (Series(TRAIN_GRAD_NORM, "grad norm"),)),

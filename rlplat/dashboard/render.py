@@ -242,7 +242,7 @@ def reward_terms(run: RunData) -> list[str]:
 
 def chart_series(chart: ms.Chart, run: RunData) -> tuple[ms.Series, ...]:
     if chart.per_term:
-        return tuple(ms.Series(ms.REWARD_TERM_MEAN.format(term=t), t) for t in reward_terms(run))
+        return chart.series + tuple(ms.Series(chart.per_term.format(term=t), t) for t in reward_terms(run))
     return chart.series
 
 

@@ -111,12 +111,19 @@ def test_reward_terms_come_from_config_and_metrics(tmp_path):
     )
     record = {"step": 1, "reward/math_mean": 0.5, "reward/length_mean": 0.1, "reward/judge_mean": 0.7}
     record |= {M.REWARD_EVAL_MEAN: 0.4, "reward/math/score_mean": 0.5, M.REWARD_ERRORS: 3}
+    record |= {"reward/math_errors": 0, "reward/judge_errors": 3}
     (run / M.METRICS_FILE).write_text(json.dumps(record) + "\n")
     figs = _figures(render_html(run))
     # Config order, then logged terms; format has no data; reward/eval_mean is the eval reward, not a term.
     assert render.reward_terms(render.load_run(run)) == ["math", "format", "length", "judge"]
     assert [t["name"] for t in figs["reward_terms"]["data"]] == ["math", "length", "judge"]
     assert figs["reward_errors"]["data"][0]["y"] == [3.0]
+    # per term too, after the total: which term fails
+    assert [(t["name"], t["y"]) for t in figs["reward_errors"]["data"]] == [
+        ("errors", [3.0]),
+        ("math", [0.0]),
+        ("judge", [3.0]),
+    ]
 
 
 def test_not_recorded_differs_from_no_data_yet(tmp_path):

@@ -43,6 +43,7 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
     (run_dir,) = tmp_path.iterdir()
     for name in (
         "config.yaml",
+        "run.log",
         "metrics.jsonl",
         "rollouts.jsonl",
         "dashboard.html",
@@ -65,6 +66,12 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
     assert main(["run", "--resume", str(run_dir), "run.steps=3"]) == 0
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
     assert "steps: 3" in (run_dir / "config.yaml").read_text()  # the resume's override is recorded
+    log = (run_dir / "run.log").read_text()  # appended to on resume
+    assert (
+        log.count(f"(dashboard: rlplat dashboard {run_dir})") == 2
+        and "resumed from" in log
+        and "step 3/3  reward" in log
+    )
 
     steps = sorted((run_dir / "checkpoints").glob("step-*"))[-2:]
     assert main(["merge", *map(str, steps), "--out", str(tmp_path / "merged")]) == 0

@@ -35,6 +35,7 @@ def test_worker_scores_whole_groups_and_reports_metrics_since_last_call():
     # evo_cot_length sees the whole group: the shortest correct answer gets +0.5, the longest -0.5
     assert scores.rewards[0] == pytest.approx(1.25) and scores.rewards[-1] == pytest.approx(0.75)
     assert scores.correct == [True] * N and scores.errors == [False] * N
+    assert scores.summary.samples == N and scores.summary.terms["math"].mean == 1.0
     first = worker.take_metrics()
     assert first["reward/math/calls"] == N and first["reward/evo_cot_length/calls"] == 1
     assert "reward/math/calls" not in worker.take_metrics()  # reset by the first report
@@ -65,6 +66,11 @@ def test_pool_scores_from_refs_concurrently_with_metrics():
         assert time.perf_counter() - t0 < 5.0  # 12 sleepy calls of 5 s each time out at 0.3 s, concurrently
         assert scores.rewards == [float(g % 2) for g in range(3) for _ in range(N)]
         assert scores.errors == [True] * 12 and scores.correct == [False] * 12  # a timeout is no verdict
+        # the shards' summaries, merged on the driver: what metrics.jsonl and the run log show
+        s = scores.summary
+        assert (s.samples, s.errors, s.terms["slow"].timeouts, s.terms["math"].errors) == (12, 12, 12, 0)
+        assert s.first_error == "slow: timed out after 0.3s" and s.all_failed
+        assert s.terms["math"].mean == pytest.approx(1 / 3) and s.accuracy == 0.0  # groups 0, 1, 0 right
         m = pool.take_metrics()
         assert (
             m["reward/slow/timeouts"] == 12 and m["reward/math/calls"] == 12 and m["reward/math/errors"] == 0

@@ -3,11 +3,21 @@ the first error's text as metrics, and an accuracy that is defined for rewards r
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 
 import pytest
 
-from rewards import RewardResult, RewardRunner, Sample, ScoredSample, reward_metrics, summarize
+from rewards import (
+    RewardResult,
+    RewardRunner,
+    RewardSummary,
+    Sample,
+    ScoredSample,
+    reward_metrics,
+    summarize,
+)
 from rewards.runner import term_passes
 
 
@@ -120,3 +130,25 @@ def test_summary_counts_timeouts_and_handles_edge_cases():
     assert (empty.samples, empty.mean, empty.accuracy, empty.terms) == (0, 0.0, None, {})
     with pytest.raises(TypeError, match="ScoredSample"):
         summarize([1.0])  # type: ignore[list-item]
+
+
+def test_shard_summaries_merge_into_the_whole_batch_summary():
+    """Reward workers summarise their shards; the driver's merge must equal the summary of the whole step."""
+    ok, bad = RewardResult(1.0, verdict="correct"), RewardResult(0.0, verdict="error", error="ValueError: x")
+    scored = [
+        ScoredSample(1.5, {"a": ok, "b": RewardResult(0.5)}, correct=True),
+        ScoredSample(0.5, {"a": bad, "b": RewardResult(0.5)}, correct=False),
+        ScoredSample(0.0, {"a": RewardResult(0.0, verdict="timeout", error="timed out after 1s")}, False),
+        ScoredSample(2.0, {"a": ok, "b": RewardResult(1.0)}, correct=True),
+        ScoredSample(1.0, {"a": ok, "b": RewardResult(0.0, verdict="error", error="KeyError: b")}, False),
+    ]
+    whole = summarize(scored)
+    for cuts in ([], [2], [1, 3], [0, 5]):  # an empty shard (a worker given no groups) included
+        bounds = [0, *cuts, len(scored)]
+        parts = [summarize(scored[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+        merged = RewardSummary.merge(parts)
+        assert merged.metrics() == pytest.approx(whole.metrics()), cuts
+        assert (merged.first_error, merged.samples, merged.judged) == (whole.first_error, 5, 5)
+        assert merged.terms["b"].first_error == "KeyError: b" and merged.terms["b"].samples == 4
+    assert RewardSummary.from_dict(json.loads(json.dumps(whole.as_dict()))) == whole
+    assert not whole.all_failed and summarize(scored[1:3]).all_failed and not summarize([]).all_failed
