@@ -255,6 +255,7 @@ class Controller:
         names = {
             "mismatch/max_abs_dlogp": "max_abs_dlogp",
             "mismatch/kl": "mismatch_kl",
+            "mismatch/routing_disagreement": "routing_disagreement",
             "kl/ref": "kl_to_ref",
             "entropy/mean": "entropy",
             "icepop/masked_fraction": "icepop_masked_fraction",
