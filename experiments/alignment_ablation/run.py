@@ -363,9 +363,13 @@ def report(
         f"Written {_dt.datetime.now().isoformat(timespec='seconds')} by `{argv}`.\n\n"
         f"Hardware: {hardware()}.\n\n"
         f"Held-out accuracy: greedy, on the config's `data.eval_prompts` held-out problems. Final: the last "
-        f"evaluation; best: the highest; mean ± sample std over seeds. Steps to target: first RL step whose "
-        f"held-out accuracy ≥ {target if target is not None else '–'} (mean over the seeds that reach it). "
-        f"Wall time: {wall}. Mismatch KL: mean over steps and seeds; max |Δlogp|: over all steps and seeds; "
+        f"evaluation; best: the highest; mean ± sample std over seeds. Steps to target: "
+        + (
+            f"first RL step whose held-out accuracy ≥ {target} (mean over the seeds that reach it). "
+            if target is not None
+            else "none (no run improved on its starting accuracy). "
+        )
+        + f"Wall time: {wall}. Mismatch KL: mean over steps and seeds; max |Δlogp|: over all steps and seeds; "
         f"routing disagreement: mean share of (response token, MoE layer) pairs whose expert sets differ "
         f"between rollout and trainer.\n\n{body}\n![ablation](ablation.png)\n"
     )
