@@ -59,7 +59,8 @@ class RolloutWorker:
 
         torch.set_num_threads(max(1, num_threads))
         cfg = ExperimentConfig.model_validate(config)
-        kernels.set_mode(cfg.kernels.backend, cfg.kernels.batch_invariant, cfg.kernels.chunk_size)
+        # the rollout side's own kernel mode (rollout.batch_invariant; by default the trainer's)
+        kernels.set_mode(cfg.kernels.backend, cfg.rollout_batch_invariant(), cfg.kernels.chunk_size)
         rollout = (
             cfg.rollout.model_copy(update={"tokenizer": tokenizer_dir}) if tokenizer_dir else cfg.rollout
         )
@@ -79,6 +80,7 @@ class RolloutWorker:
             [s.logprobs for s in flat],
             [s.version for s in flat],
             [s.text or "" for s in flat],
+            [s.routes for s in flat] if flat and all(s.routes is not None for s in flat) else None,
         )
         return samples, RolloutSummary.of(samples, texts)
 

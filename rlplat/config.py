@@ -188,6 +188,44 @@ class ExperimentConfig(Section):
             return self.trainer
         return self.trainer.model_copy(update={"lr_decay_steps": self.run.steps})
 
+    def rollout_precision(self) -> str:
+        """The rollout model's precision: ``rollout.precision``, else the trainer's ``model.precision``."""
+        return self.rollout.precision or self.model.precision
+
+    def rollout_batch_invariant(self) -> bool:
+        """The rollout's kernel mode: ``rollout.batch_invariant``, else ``kernels.batch_invariant``."""
+        b = self.rollout.batch_invariant
+        return self.kernels.batch_invariant if b is None else b
+
+    def trainer_batch_invariant(self) -> bool:
+        """The trainer's kernel mode: ``trainer.batch_invariant``, else ``kernels.batch_invariant``."""
+        b = self.trainer.batch_invariant
+        return self.kernels.batch_invariant if b is None else b
+
+    @model_validator(mode="after")
+    def _rollout_side_makes_sense(self) -> ExperimentConfig:
+        """Refuse rollout/trainer combinations that cannot do what they ask for (see each message)."""
+        r, order = self.rollout, ("fp8", "bf16", "fp32")  # coarse to fine
+        if r.record_routing and r.backend != "native":
+            raise ValueError(
+                f"rollout.record_routing needs the native backend: rollout.backend={r.backend} does not expose "
+                "which experts each token used; set rollout.record_routing=false (mismatch/routing_disagreement "
+                "is then not logged)"
+            )
+        if r.record_routing and self.trainer.backend != "torch":
+            raise ValueError(
+                f"rollout.record_routing compares with the torch trainer's routing; trainer.backend="
+                f"{self.trainer.backend} does not record it: set rollout.record_routing=false"
+            )
+        if order.index(self.rollout_precision()) > order.index(self.model.precision):
+            raise ValueError(
+                f"rollout.precision={r.precision} is finer than the trainer's model.precision="
+                f"{self.model.precision}: the rollout gets the trainer's {self.model.precision} weights, so it "
+                "would be neither exact nor a cheaper inference engine; set rollout.precision to null (exact) "
+                f"or to a precision at most {self.model.precision}"
+            )
+        return self
+
     @model_validator(mode="after")
     def _lr_decay_fits_the_run(self) -> ExperimentConfig:
         t = self.trainer

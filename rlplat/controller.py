@@ -239,11 +239,12 @@ class Controller:
         return [self._encoded[p.id] for p in prompts]
 
     def warm_start_samples(self, k: int) -> SampleGroups:
-        """Warm-start step ``k``'s prompts, each with its reference answer (and EOS) as the response."""
+        """Warm-start step ``k``'s prompts, each with its demonstration (the worked solution where the data has
+        one, else the reference answer) and EOS as the response."""
         items = step_prompts(self.train_items, k, self.cfg.run.warm_start_batch_size, self.cfg.run.seed + 1)
         eos = self.tokenizer.special_tokens.get("eos_token")
         end = [self.tokenizer.token_to_id(eos)] if eos else []
-        answers = [self.tokenizer.encode(p.answer) + end for p in items]
+        answers = [self.tokenizer.encode(p.demonstration) + end for p in items]
         return SampleGroups.pack(
             self.encode(items), answers, [torch.zeros(len(a)) for a in answers], [0] * len(items)
         )
@@ -306,6 +307,7 @@ class Controller:
         names = {
             "mismatch/max_abs_dlogp": "max_abs_dlogp",
             "mismatch/kl": "mismatch_kl",
+            "mismatch/routing_disagreement": "routing_disagreement",
             "kl/ref": "kl_to_ref",
             "entropy/mean": "entropy",
             "icepop/masked_fraction": "icepop_masked_fraction",

@@ -60,6 +60,8 @@ KL_REF = "kl/ref"
 MISMATCH_MAX_ABS_DLOGP = "mismatch/max_abs_dlogp"
 MISMATCH_MEAN_ABS_DLOGP = "mismatch/mean_abs_dlogp"
 MISMATCH_KL = "mismatch/kl"
+# share of (response token, MoE layer) pairs routed to a different expert set by rollout and trainer
+MISMATCH_ROUTING = "mismatch/routing_disagreement"
 ICEPOP_MASKED_FRACTION = "icepop/masked_fraction"
 ENTROPY_MEAN = "entropy/mean"
 RESPONSE_LENGTH_MEAN = "response/length_mean"
@@ -111,6 +113,7 @@ EVAL = Switch("run.eval_every", lambda v: v != 0, "no held-out eval")
 KL = Switch("algo.kl.mode", lambda v: v != "none", "no reference policy")
 ICEPOP = Switch("algo.correction.method", lambda v: v == "icepop", "IcePop is not the correction")
 ASYNC = Switch("run.mode", lambda v: v == "async", "no experience stream in sync mode")
+ROUTING = Switch("rollout.record_routing", lambda v: bool(v), "routing is not recorded")
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,13 @@ CHARTS: tuple[Chart, ...] = (
         (Series(MISMATCH_MAX_ABS_DLOGP, "max"), Series(MISMATCH_MEAN_ABS_DLOGP, "mean")),
     ),
     Chart("mismatch_kl", "Mismatch KL", "KL(π_rollout ‖ π_train)", (Series(MISMATCH_KL, "mismatch KL"),)),
+    Chart(
+        "routing_disagreement",
+        "Routing disagreement",
+        "share of (token, MoE layer) pairs with another expert set",
+        (Series(MISMATCH_ROUTING, "rollout vs trainer"),),
+        switch=ROUTING,
+    ),
     Chart(
         "icepop",
         "IcePop masked fraction",

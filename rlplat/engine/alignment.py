@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+import kernels
 from rlplat.algos.ratios import MAX_LOG_RATIO
 from rlplat.engine.backend import RolloutBackend
 from rlplat.engine.config import AlignmentConfig, SamplingParams
@@ -89,14 +90,21 @@ def check_alignment(
     trainer: RingLinearForCausalLM,
     prompts: Sequence[Sequence[int]],
     sampling: Sequence[SamplingParams],
+    *,
+    rollout_batch_invariant: bool | None = None,
+    trainer_batch_invariant: bool | None = None,
 ) -> dict[str, Any]:
+    """Sample with ``backend``, rescore with ``trainer``; each side runs in its own kernel mode (None: the
+    process's), as a rollout worker and a trainer worker do in their own processes."""
     temperatures = {sp.logprob_temperature for sp in sampling}
     if len(temperatures) != 1:
         raise ValueError(
             f"check_alignment needs one temperature for all prompts (the trainer's), got {temperatures}"
         )
-    samples = [s for group in backend.generate(prompts, sampling) for s in group]
-    rescored = trainer_logprobs(trainer, samples, temperatures.pop())
+    with kernels.kernel_mode(batch_invariant=rollout_batch_invariant):
+        samples = [s for group in backend.generate(prompts, sampling) for s in group]
+    with kernels.kernel_mode(batch_invariant=trainer_batch_invariant):
+        rescored = trainer_logprobs(trainer, samples, temperatures.pop())
     report = compare([s.logprobs for s in samples], rescored)
     report["finish_reasons"] = dict(Counter(s.finish_reason for s in samples))
     report["policy_version"] = backend.version

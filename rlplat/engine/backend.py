@@ -53,20 +53,24 @@ def make_backend(
 ) -> RolloutBackend:
     """The backend named by ``cfg.rollout.backend`` for the model of ``cfg.model``.
 
-    ``policy`` reuses an already built native model; ``rollout`` replaces ``cfg.rollout`` (or the defaults,
-    for a config without that section).
+    ``policy`` reuses an already built native model (at its own precision); ``rollout`` replaces
+    ``cfg.rollout`` (or the defaults, for a config without that section). The model is built at
+    ``rollout.precision`` (null: ``model.precision``); the rollout's kernel mode is the caller's to set, for
+    the process (``RolloutWorker``) or around calls (``rlplat check-alignment``).
     """
     rollout = rollout or getattr(cfg, "rollout", None) or RolloutConfig()
+    model = cfg.model.model_copy(update={"precision": rollout.precision or cfg.model.precision})
     if rollout.backend == "native":
         from rlplat.engine.engine import NativeEngine
         from rlplat.engine.policy import build_policy
 
         tokenizer = _tokenizer(rollout.tokenizer, required=True) or _tokenizer(cfg.model.path, required=False)
         return NativeEngine(
-            policy if policy is not None else build_policy(cfg.model),
+            policy if policy is not None else build_policy(model),
             tokenizer,
             max_batch_size=rollout.max_batch_size,
             default_sampling=rollout.sampling,
+            record_routing=rollout.record_routing,
         )
     if rollout.backend == "vllm":
         # vllm_backend imports vLLM only when the backend is built, and says which extra to install.

@@ -61,7 +61,14 @@ def _report(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     try:
-        result = check_alignment(backend, trainer, prompts, sampling)
+        result = check_alignment(
+            backend,
+            trainer,
+            prompts,
+            sampling,
+            rollout_batch_invariant=cfg.rollout_batch_invariant(),
+            trainer_batch_invariant=cfg.trainer_batch_invariant(),
+        )
         seconds = round(time.perf_counter() - start, 2)
     finally:
         close = getattr(backend, "close", None)  # vLLM's engine processes: stopped while stdout is stderr
@@ -70,10 +77,12 @@ def _report(args: argparse.Namespace) -> dict:
     return {
         "backend": rollout.backend,
         "precision": cfg.model.precision,
+        "rollout_precision": cfg.rollout_precision(),
+        "rollout_batch_invariant": cfg.rollout_batch_invariant(),
         **{k: result.pop(k) for k in list(result)},
         "model": cfg.model.path or cfg.model.preset,
         "kernels": cfg.kernels.backend,
-        "batch_invariant": cfg.kernels.batch_invariant,
+        "batch_invariant": cfg.trainer_batch_invariant(),
         "max_batch_size": rollout.max_batch_size,
         "num_prompts": rollout.alignment.num_prompts,
         "n": rollout.alignment.n,

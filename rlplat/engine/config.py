@@ -163,6 +163,21 @@ class RolloutConfig(_Section):
     sampling: SamplingParams = Field(
         default_factory=SamplingParams, description="Default sampling parameters."
     )
+    precision: Literal["fp32", "bf16", "fp8"] | None = Field(
+        None,
+        description="Rollout model precision; null: model.precision (the trainer's). Another value misaligns "
+        "rollout and trainer on purpose (e.g. a bf16 inference engine with fp32 training).",
+    )
+    batch_invariant: bool | None = Field(
+        None,
+        description="Rollout kernel mode; null: kernels.batch_invariant (what the trainer follows unless "
+        "trainer.batch_invariant says otherwise). false with an invariant trainer misaligns on purpose.",
+    )
+    record_routing: bool = Field(
+        False,
+        description="Record each sampled token's experts (native backend) so the trainer logs "
+        "mismatch/routing_disagreement; costs one more top-k per MoE layer and token.",
+    )
     alignment: AlignmentConfig = Field(
         default_factory=AlignmentConfig, description="Settings of check-alignment."
     )

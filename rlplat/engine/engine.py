@@ -20,6 +20,7 @@ generator with no state shared between sequences. Top-k / top-p / inverse-CDF wo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 from collections import deque
@@ -34,6 +35,7 @@ from rlplat.data.tokenizers import TextTokenizer
 from rlplat.engine.config import SamplingParams, per_prompt
 from rlplat.engine.sample import FinishReason, Sample
 from rlplat.models import ModelCache, RingLinearForCausalLM, precision_of
+from rlplat.models.routing import RoutingRecorder
 
 
 @dataclass(eq=False)
@@ -57,6 +59,7 @@ class _Sequence:
     max_new: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    routes: list[torch.Tensor] = field(default_factory=list)  # per token: expert ids [L, k] (record_routing)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
 
@@ -80,6 +83,7 @@ class NativeEngine:
         version: int = 0,
         default_sampling: SamplingParams | None = None,
         eos_token_ids: Sequence[int] | None = None,
+        record_routing: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be ≥ 1, got {max_batch_size}")
@@ -93,6 +97,10 @@ class NativeEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.default_sampling = default_sampling or SamplingParams()
+        # record_routing: each Sample's ``routes`` [len(tokens), L, k] holds the experts of the position that
+        # scored each token (the prompt's last position, then each response token's), as the trainer's
+        # forward routes the positions whose log-probs it compares
+        self._routes = RoutingRecorder(model) if record_routing else None
         if eos_token_ids is None:
             eos = self.config.eos_token_id
             eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
@@ -292,11 +300,16 @@ class NativeEngine:
         for row, r in enumerate(requests):
             ids_UP[row, : len(r.prompt)] = torch.tensor(r.prompt, device=device)
         cache = self.model.new_cache(len(requests))
-        h_UPC = self.model.hidden_states(ids_UP, cache=cache, lengths_B=lengths_U)
-        last_UC = h_UPC[torch.arange(len(requests), device=device), lengths_U - 1]
+        U, P = ids_UP.shape
+        with self._recording():
+            h_UPC = self.model.hidden_states(ids_UP, cache=cache, lengths_B=lengths_U)
+        last_U = (torch.arange(U, device=device), lengths_U - 1)
         rows = torch.tensor([prompts[s.request.id] for s in joining], device=device)
         cache = cache.select(rows)
-        self._sample(joining, last_UC[rows])
+        routes = None
+        if self._routes is not None:
+            routes = self._routes.take(U * P).view(U, P, *self._routes.take_shape())[last_U][rows]
+        self._sample(joining, h_UPC[last_U][rows], routes)
         self._running += joining
         self._cache = cache if self._cache is None else ModelCache.concat([self._cache, cache])
 
@@ -304,10 +317,15 @@ class NativeEngine:
         device = self.model.lm_head.weight.device
         ids_B1 = torch.tensor([[s.tokens[-1]] for s in self._running], device=device)
         ones_B = torch.ones(len(self._running), dtype=torch.long, device=device)
-        h_BC = self.model.hidden_states(ids_B1, cache=self._cache, lengths_B=ones_B)[:, 0]
-        self._sample(self._running, h_BC)
+        with self._recording():
+            h_BC = self.model.hidden_states(ids_B1, cache=self._cache, lengths_B=ones_B)[:, 0]
+        routes = None if self._routes is None else self._routes.take(len(self._running))
+        self._sample(self._running, h_BC, routes)
 
-    def _sample(self, seqs: list[_Sequence], h_BC: torch.Tensor) -> None:
+    def _recording(self):
+        return self._routes.recording() if self._routes is not None else contextlib.nullcontext()
+
+    def _sample(self, seqs: list[_Sequence], h_BC: torch.Tensor, routes_BLk: torch.Tensor | None) -> None:
         """Choose each sequence's next token from its own row, then score it with the trainer's LM-head op."""
         w = self.model.lm_head.weight
         logits_BV = lm_head_logits(h_BC, w)
@@ -320,9 +338,11 @@ class NativeEngine:
                 device=h_BC.device,
             )
             logp_B[rows] = lm_head_logprobs(h_BC[rows], w, tokens_B[rows], temperature)[0]
-        for s, token, logp in zip(seqs, tokens, logp_B.tolist()):
+        for i, (s, token, logp) in enumerate(zip(seqs, tokens, logp_B.tolist())):
             s.tokens.append(token)
             s.logprobs.append(logp)
+            if routes_BLk is not None:
+                s.routes.append(routes_BLk[i])
             self._check_finished(s)
         self._stats["tokens"] += len(seqs)
 
@@ -375,6 +395,7 @@ class NativeEngine:
                 version=self._version,
                 stop_reason=s.stop_reason,
                 text=self.tokenizer.decode(s.tokens) if self.tokenizer is not None else None,
+                routes=torch.stack(s.routes).cpu() if self._routes is not None else None,
             )
             r.samples[s.sample_index] = sample
             if r.done:

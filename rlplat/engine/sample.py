@@ -17,7 +17,8 @@ class Sample:
 
     finish_reason: ``eos`` (the model's EOS token, kept as the last token), ``stop`` (a stop token, kept, or a
     stop string, contained in ``text``; ``stop_reason`` says which) or ``length`` (max_new_tokens or the
-    context length).
+    context length). ``routes`` (when the engine records routing): the expert ids [len(tokens), L MoE
+    layers, k] of the position that scored each token.
     """
 
     prompt_index: int
@@ -29,3 +30,4 @@ class Sample:
     version: int
     stop_reason: int | str | None = None
     text: str | None = None
+    routes: torch.Tensor | None = None

@@ -158,13 +158,15 @@ class VLLMBackend:
         kernels_cfg = getattr(cfg, "kernels", None)
         backend = cls(
             model_dir,
-            precision=cfg.model.precision,
+            precision=rollout.precision or cfg.model.precision,
             tokenizer_dir=tokenizer_dir,
             max_batch_size=rollout.max_batch_size,
             default_sampling=rollout.sampling,
             settings=rollout.vllm,
             kernel_backend=kernels_cfg.backend if kernels_cfg else None,
-            batch_invariant=kernels_cfg.batch_invariant if kernels_cfg else None,
+            batch_invariant=rollout.batch_invariant
+            if rollout.batch_invariant is not None
+            else (kernels_cfg.batch_invariant if kernels_cfg else None),
             chunk_size=kernels_cfg.chunk_size if kernels_cfg else None,
         )
         backend._tmp = tmp  # the checkpoint lives as long as the backend

@@ -2,7 +2,8 @@
 one optimizer step, which each trainer rank builds from them (``TrainBatch.from_groups``).
 
 Legend: B sequences (n responses per prompt stored contiguously, rows g*n .. g*n+n-1), T positions; for
-``SampleGroups``: G prompts, S = G·n samples, P prompt tokens and R response tokens in all.
+``SampleGroups``: G prompts, S = G·n samples, P prompt tokens and R response tokens in all; L MoE layers and
+k experts per token in routing records.
 Every [B, T] tensor is aligned with the model's output positions: position t of row b predicts token
 ``input_ids_BT[b, t + 1]``. So ``response_mask_BT[b, t]`` is 1 when that next token is a response token,
 ``rollout_logp_BT[b, t]`` is the rollout's log-prob of it, and the last column is always masked (nothing
@@ -39,6 +40,8 @@ class SampleGroups:
     response_lengths_S: torch.Tensor  # int64
     versions_S: torch.Tensor  # int64: policy version that generated each sample
     texts: list[str] | None = None  # the S responses decoded (what text rewards read)
+    # int16 expert ids of each response token's scoring position (engines that record routing), else None
+    response_routes_RLk: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         G, S = len(self.prompt_lengths_G), len(self.response_lengths_S)
@@ -55,6 +58,12 @@ class SampleGroups:
             )
         if len(self.versions_S) != S or (self.texts is not None and len(self.texts) != S):
             raise ValueError(f"SampleGroups needs one version (and text) per sample, {S} samples")
+        routes = self.response_routes_RLk
+        if routes is not None and (routes.dim() != 3 or len(routes) != R):
+            raise ValueError(
+                f"SampleGroups.response_routes_RLk must be [R={R}, L, k] (one record per response token), "
+                f"got {tuple(routes.shape)}"
+            )
 
     @classmethod
     def pack(
@@ -64,8 +73,10 @@ class SampleGroups:
         logprobs: Sequence[torch.Tensor],
         versions: Sequence[int],
         texts: Sequence[str] | None = None,
+        routes: Sequence[torch.Tensor] | None = None,
     ) -> SampleGroups:
-        """From per-prompt and per-sample lists (``len(responses)`` a multiple of ``len(prompts)``)."""
+        """From per-prompt and per-sample lists (``len(responses)`` a multiple of ``len(prompts)``);
+        ``routes``: per sample, expert ids [len(response), L, k], or None when not recorded."""
         long = lambda xs: torch.tensor(list(xs), dtype=torch.long)
         return cls(
             long(t for p in prompts for t in p),
@@ -75,6 +86,7 @@ class SampleGroups:
             long(map(len, responses)),
             long(versions),
             None if texts is None else list(texts),
+            None if routes is None else torch.cat(list(routes)).to(torch.int16),
         )
 
     @property
@@ -111,6 +123,8 @@ class TrainBatch:
     correctness_B: torch.Tensor | None = None  # raw correctness for dynamic sampling (default: rewards_B)
     sentence_ids_BT: torch.Tensor | None = None  # LPO: sentence id of each target token
     old_logp_BT: torch.Tensor | None = None  # pi_old log-probs the caller already recomputed
+    # rollout's expert ids [B, T, L, k] (int16) of the position scoring each target; set at response positions
+    rollout_routes_BTLk: torch.Tensor | None = None
     policy_version: int = 0  # weight version the rollout sampled with
 
     def __post_init__(self) -> None:
@@ -157,6 +171,12 @@ class TrainBatch:
                     f"TrainBatch.sentence_ids_BT must be an integer [B, T] = {(B, T)} tensor, "
                     f"got {s.dtype} {tuple(s.shape)}"
                 )
+        routes = self.rollout_routes_BTLk
+        if routes is not None and (routes.dim() != 4 or tuple(routes.shape[:2]) != (B, T)):
+            raise ValueError(
+                f"TrainBatch.rollout_routes_BTLk must be [B, T, L, k] with B, T = {(B, T)}, got "
+                f"{tuple(routes.shape)}"
+            )
         if not isinstance(self.group_size, int) or self.group_size < 1 or B % self.group_size:
             raise ValueError(
                 f"TrainBatch: B={B} rows must be whole groups of group_size={self.group_size} "
@@ -205,7 +225,13 @@ class TrainBatch:
         mask_BT = torch.zeros(B, T, dtype=torch.bool)
         mask_BT[:, :-1] = in_resp_BT[:, 1:]
         rollout_logp_BT = torch.zeros(B, T)
-        rollout_logp_BT[mask_BT] = resp_logp[(rstart_B[:, None] - plen_B[:, None] + 1 + t_BT)[mask_BT]]
+        resp_index = (rstart_B[:, None] - plen_B[:, None] + 1 + t_BT)[mask_BT]
+        rollout_logp_BT[mask_BT] = resp_logp[resp_index]
+        routes_BTLk = None
+        if all(p.response_routes_RLk is not None for p in parts):  # routing recorded on every worker
+            routes_RLk = torch.cat([p.response_routes_RLk for p in parts])  # type: ignore[misc]
+            routes_BTLk = routes_RLk.new_zeros(B, T, *routes_RLk.shape[1:])
+            routes_BTLk[mask_BT] = routes_RLk[resp_index]
         return cls(
             input_ids_BT,
             mask_BT,
@@ -214,6 +240,7 @@ class TrainBatch:
             rewards_B=rewards_B,
             correctness_B=correctness_B,
             policy_version=int(torch.cat([p.versions_S for p in parts]).min()),
+            rollout_routes_BTLk=routes_BTLk,
         )
 
     @property

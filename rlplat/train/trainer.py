@@ -53,6 +53,7 @@ from rlplat.algos.filtering import dynamic_sampling_mask
 from rlplat.algos.losses import gspo_loss, lpo_loss, ppo_clip_loss
 from rlplat.algos.validation import masked_values
 from rlplat.models import RingLinearForCausalLM, precision_of, save_pretrained, to_precision
+from rlplat.models.routing import RoutingRecorder, routing_differs
 from rlplat.train.batch import TrainBatch
 from rlplat.train.checkpoint import (
     HF_DIR,
@@ -245,6 +246,7 @@ class Trainer:
             self.reference = copy.deepcopy(model).eval()
             self.reference.requires_grad_(False)
         self.expert_load = self._load_counter(model)
+        self._routing: RoutingRecorder | None = None  # built on the first batch with rollout routing
 
     @property
     def version(self) -> int:
@@ -394,6 +396,8 @@ class Trainer:
         for name in _MICRO_SUMS:  # every rank reduces the same names, even one without rows
             sums.add(name, 0.0)
         sums.max("max_abs_dlogp", 0.0)
+        if batch.rollout_routes_BTLk is not None:  # the same on every rank: they share the global batch
+            sums.add("resp:routing_disagreement", 0.0)
 
         def micro_args(rows: torch.Tensor) -> tuple:
             """What ``_micro_loss`` takes of one micro-batch (positions ``rows`` into ``local``)."""
@@ -607,9 +611,15 @@ class Trainer:
         """Forward and backward every micro-batch, accumulating fp32 master gradients; False if some loss was
         NaN/inf (its backward is skipped). ``micro_args(rows)`` gives ``_micro_loss``'s arguments."""
         finite = True
+        record = batch.rollout_routes_BTLk is not None
+        if record and self._routing is None:
+            self._routing = RoutingRecorder(self.model)
         for rows in micro:
             args = micro_args(rows)
-            logp_full, ent_full, T_mb = self._forward(self.model, batch, args[0], count=True)
+            with self._routing.recording() if record else contextlib.nullcontext():  # type: ignore[union-attr]
+                logp_full, ent_full, T_mb = self._forward(self.model, batch, args[0], count=True)
+            if record:
+                self._routing_disagreement(batch, args[0], args[5], T_mb, sums)
             loss = self._micro_loss(batch, logp_full, ent_full, T_mb, *args)
             if loss is None:
                 finite = False
@@ -621,6 +631,21 @@ class Trainer:
                 if p.grad is not None:
                     self.optimizer.accumulate(i)
         return finite
+
+    def _routing_disagreement(
+        self, batch: TrainBatch, rows: torch.Tensor, mask_BT: torch.Tensor, T_mb: int, sums: _Sums
+    ) -> None:
+        """Share of (response token, MoE layer) pairs whose expert set in this training forward differs from
+        the rollout's, token-weighted into ``resp:routing_disagreement``."""
+        assert self._routing is not None
+        L, k = self._routing.take_shape()
+        train_BTLk = self._routing.take(len(rows) * T_mb).view(len(rows), T_mb, L, k)
+        m_BT = mask_BT[:, :T_mb].to(train_BTLk.device)
+        roll = batch.rollout_routes_BTLk[rows.to(batch.rollout_routes_BTLk.device)][:, :T_mb]  # type: ignore[index]
+        n = float(m_BT.sum())
+        if n and L:
+            differs = routing_differs(train_BTLk[m_BT], roll.to(train_BTLk.device)[m_BT])
+            sums.add("resp:routing_disagreement", differs.float().mean(), n)
 
     def _micro_loss(
         self, batch, logp_full, ent_full, T_mb, rows, adv_BT, old_BT, rollout_BT, loss_mask_BT, mask_BT,

@@ -19,6 +19,7 @@ run:
 algo:
   kl: {mode: loss, coef: 0.01, estimator: k3}
   correction: {method: icepop}
+rollout: {record_routing: true}
 rewards:
   terms:
     - {name: math, weight: 1.0}
@@ -36,6 +37,7 @@ def synthetic_metrics(step: int, rng: random.Random) -> dict[str, float]:
         M.MISMATCH_MAX_ABS_DLOGP: 0.05 + rng.uniform(0, 0.05),
         M.MISMATCH_MEAN_ABS_DLOGP: 0.004 + rng.uniform(0, 0.002),
         M.MISMATCH_KL: 1e-4 * (1 + rng.random()),
+        M.MISMATCH_ROUTING: 0.01 * rng.random(),
         M.ICEPOP_MASKED_FRACTION: 0.001 * rng.random(),
         M.ENTROPY_MEAN: 1.6 * math.exp(-step / 30) + rng.uniform(0, 0.05),
         M.RESPONSE_LENGTH_MEAN: 24 + 0.8 * step + rng.uniform(-2, 2),

@@ -31,11 +31,28 @@ TINY = [
     "algo.correction.method=icepop",
     "algo.correction.use_rollout_logp_as_old=false",  # IcePop needs the trainer's own π_old
     "trainer.checkpoint.export_hf=true",  # so that `rlplat merge` can average the run's checkpoints
+    "rollout.record_routing=true",  # mismatch/routing_disagreement must reach metrics.jsonl
 ]
 
 
 def lines(path):
     return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def test_a_misaligned_rollout_is_measured(local_ray, tmp_path):
+    """A bf16 plain-kernel rollout against the fp32 invariant trainer (issue 15): the mismatch metrics and the
+    routing disagreement see it, per step and per token."""
+    misaligned = ["rollout.precision=bf16", "rollout.batch_invariant=false", "run.steps=1"]
+    assert (
+        main(["run", str(ROOT / "configs/tiny_math.yaml"), f"run.output_dir={tmp_path}", *TINY, *misaligned])
+        == 0
+    )
+    (run_dir,) = tmp_path.iterdir()
+    (m,) = lines(run_dir / "metrics.jsonl")[1:]
+    assert m["mismatch/max_abs_dlogp"] > 0 and m["mismatch/kl"] > 0
+    assert 0.0 <= m["mismatch/routing_disagreement"] < 0.5
+    rollouts = lines(run_dir / "rollouts.jsonl")
+    assert any(r["mismatch"]["max_abs_dlogp"] > 0 for r in rollouts)
 
 
 def test_run_writes_everything_and_resumes(local_ray, tmp_path):
@@ -60,6 +77,7 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
         assert "accuracy/eval" in m and "time/train_s" in m
         assert m["kl/ref"] >= 0.0 and "entropy/mean" in m
         assert m["icepop/masked_fraction"] == 0.0  # exact backend: IcePop masks nothing
+        assert m["mismatch/routing_disagreement"] == 0.0  # same experts for every token, bitwise
     rollouts = lines(run_dir / "rollouts.jsonl")
     assert rollouts and all(r["mismatch"]["max_abs_dlogp"] == 0.0 for r in rollouts)
 
