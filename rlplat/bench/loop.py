@@ -5,18 +5,19 @@ Runs ``rlplat run CONFIG`` for a few steps as a child process, once per batch sc
 
 - the driver's peak resident memory (``VmHWM`` of the ``rlplat run`` process, read until it exits; Ray's
   workers are other processes and not counted) and its resident memory when the run ends;
-- the loop's overhead per step: ``time/step_s`` minus the rollout, reward and train times of the same step
-  (weight sync, checkpoint, evaluation, metrics and the driver's own work), with weight sync alone beside it.
+- the loop's overhead per step: the step's wall time (between consecutive ``metrics.jsonl`` lines) minus its
+  rollout, reward and train times (weight sync, metrics and the driver's own work), weight sync beside it.
 
 A driver that holds samples grows with the batch; one that holds refs does not. ``--tree DIR`` runs another
 checkout's ``rlplat`` (e.g. an older commit in a ``git worktree``) with the same settings, for a before and
-after. The first RL step is left out of the means (workers warm up). The correctness check: every run exits 0
+after. The first RL step is left out of the means (workers warm up; it has no previous line). The correctness check: every run exits 0
 and trains every step on every prompt (``prompts/scored``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -75,7 +76,7 @@ def run_once(config: str, overrides: list[str], tree: Path | None, log: Path) ->
             raise CorrectnessError(f"rlplat run exited {code} (see {log})")
         (run_dir,) = Path(tmp).iterdir()
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {"wall_s": wall, "memory": memory, "steps": [m for m in lines if "time/step_s" in m]}
+    return {"wall_s": wall, "memory": memory, "steps": [m for m in lines if "time/train_s" in m]}
 
 
 def summarize(result: dict[str, Any], prompts: int, steps: int) -> dict[str, Any]:
@@ -84,20 +85,22 @@ def summarize(result: dict[str, Any], prompts: int, steps: int) -> dict[str, Any
         raise CorrectnessError(
             f"expected {steps} steps of {prompts} prompts, metrics.jsonl has {len(rl)} steps"
         )
-    timed = rl[1:] or rl
+    # A step's wall time is the gap between its metrics line and the previous one (``time``, written by
+    # RunLog as each line is logged): everything the loop did for it, in any version of the loop.
+    timed = [(m, m["time"] - prev["time"]) for prev, m in itertools.pairwise(rl)]
+    work = ("time/rollout_s", "time/reward_s", "time/train_s")
 
     def mean(f) -> float:
-        return statistics.fmean(f(m) for m in timed)
+        return statistics.fmean(f(m, dt) for m, dt in timed)
 
-    work = ("time/rollout_s", "time/reward_s", "time/train_s")
     return {
         "prompts_per_step": prompts,
         "driver_peak_rss_mib": result["memory"].get("peak_kib", 0) / 1024,
         "driver_final_rss_mib": result["memory"].get("last_kib", 0) / 1024,
-        "step_s": mean(lambda m: m["time/step_s"]),
-        "overhead_s": mean(lambda m: m["time/step_s"] - sum(m[k] for k in work)),
-        "weight_sync_s": mean(lambda m: m["time/weight_sync_s"]),
-        **{k.removeprefix("time/"): mean(lambda m, k=k: m[k]) for k in work},
+        "step_s": mean(lambda m, dt: dt),
+        "overhead_s": mean(lambda m, dt: dt - sum(m[k] for k in work)),
+        "weight_sync_s": mean(lambda m, dt: m["time/weight_sync_s"]),
+        **{k.removeprefix("time/"): mean(lambda m, dt, k=k: m[k]) for k in work},
         "wall_s": result["wall_s"],
     }
 
@@ -133,7 +136,7 @@ def bench(args: argparse.Namespace, console: Console) -> None:
             "overrides": args.overrides,
             "tree": str(tree) if tree else None,
             "steps": args.steps,
-            "note": "means over RL steps 2..N; overhead = step - rollout - reward - train",
+            "note": "means over RL steps 2..N; step = gap between metrics lines; overhead = step - rollout - reward - train",
             "rows": rows,
         },
         args.out,
