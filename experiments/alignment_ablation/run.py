@@ -119,8 +119,9 @@ def make_jobs(
     variants: Sequence[Variant], seeds: Sequence[int], out: Path, steps: int | None, extra: Sequence[str] = ()
 ) -> list[Job]:
     jobs = []
-    for v in variants:
-        for seed in seeds:
+    # seed-major: a stopped ablation has every variant at the seeds it reached, comparable side by side
+    for seed in seeds:
+        for v in variants:
             directory = out / v.name / f"seed{seed}"
             overrides = [f"{k}={_value(x)}" for k, x in {**COMMON, **v.overrides}.items()]
             overrides += list(extra)
