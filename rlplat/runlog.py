@@ -19,6 +19,7 @@ offline by default (files under ``RUN_DIR/wandb``, no network); ``mode: online``
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -123,6 +124,8 @@ class RunLog:
         self._metrics = self._open_append(ms.METRICS_FILE)
         self._rollouts = self._open_append(ms.ROLLOUTS_FILE)
         settings = wandb if isinstance(wandb, WandbConfig) else WandbConfig.model_validate(wandb or {})
+        # wandb adds a file handler (its debug log, under this run directory) to its logger and never removes it
+        self._wandb_log_handlers = list(logging.getLogger("wandb").handlers)
         self._wandb_run = self._init_wandb(settings, config) if settings.mode != "disabled" else None
 
     def _open_append(self, name: str) -> IO[bytes]:
@@ -227,6 +230,10 @@ class RunLog:
             # a run log is the process's only wandb user, so its end is wandb's end
             wandb.teardown()
             self._wandb_run = None
+            wandb_log = logging.getLogger("wandb")
+            for handler in [h for h in wandb_log.handlers if h not in self._wandb_log_handlers]:
+                wandb_log.removeHandler(handler)
+                handler.close()
 
     def __enter__(self) -> RunLog:
         return self

@@ -13,6 +13,7 @@ rerun an order, or ``-p no:randomly`` for file order). So that no test depends o
 """
 
 import contextlib
+import importlib
 import logging
 import os
 import random
@@ -38,6 +39,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch._dynamo
+
+# Libraries whose first import changes the process for good: megatron.core puts setuptools' vendored packages on
+# sys.path, vLLM sets environment variables and wraps torch.cuda.set_stream, OpenCV (via vLLM) sets
+# LD_LIBRARY_PATH. Imported here, before any test, so that whichever test happens to import them first is not
+# blamed for it (as torch._dynamo above).
+for _library in ("megatron.core", "vllm", "cv2"):
+    with contextlib.suppress(ImportError):
+        importlib.import_module(_library)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Imported above, before any test: importing torch._dynamo wraps torch.manual_seed and sets
@@ -170,7 +179,10 @@ def _process_state() -> dict[tuple, object]:
     with warnings.catch_warnings():  # looking at a deprecated attribute (torch.distributed.reduce_op) warns
         warnings.simplefilter("ignore")
         for name, module in list(sys.modules.items()):
-            state["module", name] = module
+            # A library replacing its own lazy modules (transformers does) is not a test's doing; replacing a
+            # first-party or patchable module is.
+            if name.split(".")[0] in FIRST_PARTY or name in PATCHABLE:
+                state["module", name] = module
             if module is not None and (name.split(".")[0] in FIRST_PARTY or name in PATCHABLE):
                 for attr, value in list(vars(module).items()):
                     if callable(value) or isinstance(value, types.ModuleType):
@@ -353,6 +365,15 @@ def _module_leftovers(processes, threads, files, ray_was) -> list[str]:
     return out
 
 
+def _close_shared_sandbox(before) -> None:
+    """``judge_code`` starts one fork server per process and keeps it (``default_sandbox``); one that a module
+    started is stopped at its end, so the module's leftovers show only what it left by mistake."""
+    sandbox = sys.modules.get("rewards.code.sandbox")
+    if sandbox is not None and sandbox._default is not None and sandbox._default is not before:
+        sandbox._default.close()
+        sandbox._default = before
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_module():
     """A test module (with its fixtures) stops what it started, writes only to temporary directories, and
@@ -360,7 +381,10 @@ def _isolated_module():
     processes, files, ray_was = _descendants(), _checkout_files(), _ray_initialized()
     threads = {t.ident for t in threading.enumerate()}
     before = _process_state()
+    sandbox = sys.modules.get("rewards.code.sandbox")
+    shared_sandbox = sandbox._default if sandbox is not None else None
     yield
+    _close_shared_sandbox(shared_sandbox)
     leftovers = _module_leftovers(processes, threads, files, ray_was) + _put_back(before)
     if leftovers:
         pytest.fail("the test module left behind:\n" + "\n".join(leftovers), pytrace=False)

@@ -26,6 +26,7 @@ def test_killed_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
             "rollout.sampling.max_new_tokens=16",
             "workers.rollout.num_cpus=0.5",
             "workers.rollout.num=2",
+            "wandb.mode=disabled",
         ],
     )
     controller = Controller(cfg, tmp_path, tokenizer_dir(cfg, tmp_path))
@@ -42,11 +43,14 @@ def test_killed_rollout_and_reward_workers_are_replaced(local_ray, tmp_path):
         if step == 1:
             kill_soon(controller.rewards, 0.3)
 
-    assert controller.run(False, lambda: False, ProgressHooks(step=on_step)) == 4
-    time.sleep(0.1)
-    assert controller.rollout.restarts >= 1 and controller.rewards.restarts >= 1
-    for m in seen:
-        assert m["prompts/issued"] == m["prompts/scored"] == 4
-        assert m["samples/scored"] == 16
-    assert seen[-1]["faults/rollout_restarts"] >= 1 and seen[-1]["faults/reward_restarts"] >= 1
-    assert all(m["mismatch/max_abs_dlogp"] == 0.0 for m in seen)  # replacements got the current weights
+    try:
+        assert controller.run(False, lambda: False, ProgressHooks(step=on_step)) == 4
+        time.sleep(0.1)
+        assert controller.rollout.restarts >= 1 and controller.rewards.restarts >= 1
+        for m in seen:
+            assert m["prompts/issued"] == m["prompts/scored"] == 4
+            assert m["samples/scored"] == 16
+        assert seen[-1]["faults/rollout_restarts"] >= 1 and seen[-1]["faults/reward_restarts"] >= 1
+        assert all(m["mismatch/max_abs_dlogp"] == 0.0 for m in seen)  # replacements got the current weights
+    finally:
+        controller.close()
