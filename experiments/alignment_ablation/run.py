@@ -28,7 +28,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
@@ -338,15 +337,12 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
 
 
 def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}; {os.cpu_count()} logical CPUs visible; {platform.system()} {platform.release()}"
+    from rlplat.bench.common import hardware as machine
+
+    info = machine()
+    return (
+        f"{info['cpu']}; {info['cpu_count']} logical CPUs visible; {platform.system()} {platform.release()}"
+    )
 
 
 def report(

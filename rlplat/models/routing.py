@@ -59,19 +59,25 @@ class RoutingRecorder:
         cfg = self.moes[i].cfg
 
         def hook(router: nn.Module, inputs, logits_NE: torch.Tensor) -> None:
-            with torch.no_grad():
-                _, ids_Nk = group_limited_topk(
-                    logits_NE.detach(),
-                    router.expert_bias,
-                    cfg.num_experts_per_tok,
-                    cfg.n_group,
-                    cfg.topk_group,
-                    cfg.routed_scaling_factor,
-                    cfg.norm_topk_prob,
-                )
-            self._ids[i] = ids_Nk.to(ROUTE_DTYPE)
+            self._ids[i] = chosen_experts(cfg, router, logits_NE).to(ROUTE_DTYPE)
 
         return hook
+
+
+def chosen_experts(cfg, router: nn.Module, logits_NE: torch.Tensor) -> torch.Tensor:
+    """[N, k] expert ids the MoE layer of ``cfg`` picks from its router's output (what a forward hook on the
+    router sees): the model's own routing function, recomputed without gradient."""
+    with torch.no_grad():
+        _, ids_Nk = group_limited_topk(
+            logits_NE.detach(),
+            router.expert_bias,
+            cfg.num_experts_per_tok,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.routed_scaling_factor,
+            cfg.norm_topk_prob,
+        )
+    return ids_Nk
 
 
 def routing_differs(a_NLk: torch.Tensor, b_NLk: torch.Tensor) -> torch.Tensor:

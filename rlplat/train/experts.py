@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from kernels.moe_routing import group_limited_topk
 from rlplat.models.ring_linear import MoE
+from rlplat.models.routing import chosen_experts
 
 
 def expert_bias_update(bias_E: torch.Tensor, load_E: torch.Tensor, rate: float) -> torch.Tensor:
@@ -71,20 +71,10 @@ class ExpertLoadCounter:
         def hook(router: nn.Module, inputs, logits_NE: torch.Tensor) -> None:
             if not self._active:
                 return
-            cfg = moe.cfg
-            with torch.no_grad():
-                _, ids_Nk = group_limited_topk(
-                    logits_NE.detach(),
-                    router.expert_bias,
-                    cfg.num_experts_per_tok,
-                    cfg.n_group,
-                    cfg.topk_group,
-                    cfg.routed_scaling_factor,
-                    cfg.norm_topk_prob,
-                )
-                if self._valid_N is not None:
-                    ids_Nk = ids_Nk[self.routed_rows(self._valid_N).to(ids_Nk.device)]
-                self.counts[name] += torch.bincount(ids_Nk.reshape(-1), minlength=cfg.num_experts)
+            ids_Nk = chosen_experts(moe.cfg, router, logits_NE)
+            if self._valid_N is not None:
+                ids_Nk = ids_Nk[self.routed_rows(self._valid_N).to(ids_Nk.device)]
+            self.counts[name] += torch.bincount(ids_Nk.reshape(-1), minlength=moe.cfg.num_experts)
 
         return hook
 
