@@ -307,12 +307,14 @@ def default_target(results: dict[str, list[SeedRun]], reference: str = "exact") 
 
 def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: float | None) -> str:
     head = (
-        "| variant | seeds | final acc | best acc | steps to target | wall time (s) | mismatch KL | "
-        "max \\|Δlogp\\| | routing disagreement |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| variant | seeds | start acc | final acc | best acc | steps to target | wall time (s) | mismatch KL | "
+        "max \\|Δlogp\\| | routing disagreement |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, runs in results.items():
         acc = [_values(r, "accuracy/eval") for r in runs]
+        # start: the warm-started policy (line 0), evaluated by this variant's own rollout engine
+        start = [a[0][1] for a in acc if a and a[0][0] == 0]
         final = [a[-1][1] for a in acc if a]
         best = [max(v for _, v in a) for a in acc if a]
         reached = (
@@ -328,7 +330,7 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
         dlogp = [v for r in runs for _, v in _values(r, "mismatch/max_abs_dlogp")]
         routing = [v for r in runs for _, v in _values(r, "mismatch/routing_disagreement")]
         lines.append(
-            f"| {labels[name]} | {len(runs)} | {_mean_std(final)} | {_mean_std(best)} | {to_target} | "
+            f"| {labels[name]} | {len(runs)} | {_mean_std(start)} | {_mean_std(final)} | {_mean_std(best)} | {to_target} | "
             f"{f'{sum(walls) / len(walls):.0f}' if walls else '–'} | "
             f"{f'{sum(kl) / len(kl):.2e}' if kl else '–'} | {f'{max(dlogp):.3g}' if dlogp else '–'} | "
             f"{f'{sum(routing) / len(routing):.4f}' if routing else 'not recorded'} |"
@@ -359,8 +361,9 @@ def report(
         f"# Train–inference alignment ablation\n\n"
         f"Written {_dt.datetime.now().isoformat(timespec='seconds')} by `{argv}`.\n\n"
         f"Hardware: {hardware()}.\n\n"
-        f"Held-out accuracy: greedy, on the config's `data.eval_prompts` held-out problems. Final: the last "
-        f"evaluation; best: the highest; mean ± sample std over seeds. Steps to target: "
+        f"Held-out accuracy: greedy, on the config's `data.eval_prompts` held-out problems, evaluated by "
+        f"each variant's own rollout engine (so a bf16 or FP8 engine scores the same warm-started policy "
+        f"differently). Start: line 0, the warm-started policy; final: the last evaluation; best: the highest; mean ± sample std over seeds. Steps to target: "
         + (
             f"first RL step whose held-out accuracy ≥ {target} (mean over the seeds that reach it). "
             if target is not None

@@ -118,9 +118,11 @@ def test_report_from_synthetic_runs(ablation, tmp_path):
     assert "Hardware:" in md and body in md
     exact_row = next(line for line in body.splitlines() if line.startswith("| exact"))
     cells = [c.strip() for c in exact_row.strip("|").split("|")]
-    # final 0.50 / 0.51, best the same; target halfway from 0.105 to 0.505 = 0.305, reached at steps 15 / 10
-    assert cells[1] == "2" and cells[2] == "0.505 ± 0.007" and cells[3] == "0.505 ± 0.007"
-    assert cells[4] == "12.5 (2/2 seeds)" and cells[5] == "40" and cells[8] == "0.0000"
+    # start 0.10 / 0.11, final 0.50 / 0.51, best the same; target halfway from 0.105 to 0.505 = 0.305,
+    # reached at steps 15 / 10
+    assert cells[1] == "2" and cells[2] == "0.105 ± 0.007"
+    assert cells[3] == "0.505 ± 0.007" and cells[4] == "0.505 ± 0.007"
+    assert cells[5] == "12.5 (2/2 seeds)" and cells[6] == "40" and cells[9] == "0.0000"
     tis_row = next(line for line in body.splitlines() if line.startswith("| bf16 + TIS"))
     assert "1.00e-03" in tis_row and "| 0.0010 |" in tis_row
 
