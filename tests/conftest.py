@@ -365,15 +365,6 @@ def _module_leftovers(processes, threads, files, ray_was) -> list[str]:
     return out
 
 
-def _close_shared_sandbox(before) -> None:
-    """``judge_code`` starts one fork server per process and keeps it (``default_sandbox``); one that a module
-    started is stopped at its end, so the module's leftovers show only what it left by mistake."""
-    sandbox = sys.modules.get("rewards.code.sandbox")
-    if sandbox is not None and sandbox._default is not None and sandbox._default is not before:
-        sandbox._default.close()
-        sandbox._default = before
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _isolated_module():
     """A test module (with its fixtures) stops what it started, writes only to temporary directories, and
@@ -381,10 +372,12 @@ def _isolated_module():
     processes, files, ray_was = _descendants(), _checkout_files(), _ray_initialized()
     threads = {t.ident for t in threading.enumerate()}
     before = _process_state()
-    sandbox = sys.modules.get("rewards.code.sandbox")
-    shared_sandbox = sandbox._default if sandbox is not None else None
     yield
-    _close_shared_sandbox(shared_sandbox)
+    # judge_code's fork server lives as long as its process (default_sandbox); stopped after every module, so
+    # that the leftovers below show only what a module left by mistake (the next module starts a new one)
+    sandbox = sys.modules.get("rewards.code.sandbox")
+    if sandbox is not None:
+        sandbox.close_default_sandbox()
     leftovers = _module_leftovers(processes, threads, files, ray_was) + _put_back(before)
     if leftovers:
         pytest.fail("the test module left behind:\n" + "\n".join(leftovers), pytrace=False)

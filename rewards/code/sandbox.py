@@ -272,6 +272,16 @@ def default_sandbox() -> Sandbox:
         return _default
 
 
+def close_default_sandbox() -> None:
+    """Stop this process's shared fork server (the next ``default_sandbox()`` starts a new one), e.g. when a
+    long-lived process is done judging code."""
+    global _default
+    with _default_lock:
+        if _default is not None and _default._pid == os.getpid():
+            _default.close()
+        _default = None
+
+
 def outputs_match(actual: str, expected: str, compare: str = "lines") -> bool:
     """Compare program output with the expected output.
 
