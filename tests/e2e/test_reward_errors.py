@@ -59,7 +59,9 @@ def _check(code, run_dir, err):
         assert "every sample's reward failed in the last 2 steps" in text and ERROR in text
         assert f"rlplat run --resume {run_dir}" in text
     assert f"dashboard: rlplat dashboard {run_dir}" in log.splitlines()[0]
-    assert lines[-1].startswith("error: every sample's reward failed")
+    # the stop is reported as one error line; Ray may still forward a worker's late log line after it (async:
+    # the producer scored ahead), so not necessarily the last line
+    assert any(line.startswith("error: every sample's reward failed") for line in lines)
 
 
 def test_all_failing_rewards_stop_the_run_with_the_error(local_ray, tmp_path, capsys):
