@@ -91,7 +91,8 @@ class RewardsFailedError(RuntimeError):
 class ProgressHooks:
     """What the program tells its caller as it goes (``rlplat run``'s progress bar); every hook is optional."""
 
-    resumed: Callable[[Path, int], None] = lambda checkpoint, step: None
+    # (checkpoint, next RL step, warm-start steps done)
+    resumed: Callable[[Path, int, int], None] = lambda checkpoint, step, warm: None
     warm_start: Callable[[int, dict], None] = lambda k, metrics: None
     step: Callable[[int, dict], None] = lambda step, metrics: None
 
@@ -147,7 +148,7 @@ class Controller:
         if ckpt is not None:  # resume: the trainer's state, and the step after the checkpoint
             position = self.trainer.load_checkpoint(str(ckpt))
             step, warm = position["next_step"], position.get("warm_start_done", warm_steps)
-            progress.resumed(ckpt, step)
+            progress.resumed(ckpt, step, warm)
         warming = warm < warm_steps
         while warm < warm_steps:  # supervised, on the training prompts' reference answers
             metrics = self.trainer.sft_step(self.warm_start_samples(warm), cfg.run.warm_start_lr)
@@ -297,8 +298,8 @@ class Controller:
             "response/tokens": s.response_tokens,
             **rewards.metrics(),
         }
-        if rewards.accuracy is not None:
-            out["accuracy/train"] = rewards.accuracy
+        if "reward/accuracy" in out:  # one key for it, beside accuracy/eval
+            out["accuracy/train"] = out.pop("reward/accuracy")
         return out
 
     @staticmethod

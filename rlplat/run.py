@@ -299,8 +299,12 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
                     )
                     rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
 
-                    def resumed(checkpoint: Path, step: int) -> None:
-                        say(f"resumed from {checkpoint} at step {step}")
+                    def resumed(checkpoint: Path, step: int, warm: int) -> None:
+                        if warm < cfg.run.warm_start_steps:
+                            where = f"in the warm start, after {warm}/{cfg.run.warm_start_steps} of its steps"
+                        else:
+                            where = f"at step {step}"
+                        say(f"resumed from {checkpoint} {where}")
                         bar.update(rl, completed=step)
 
                     def warm_start(k: int, m: dict) -> None:

@@ -228,7 +228,8 @@ def merge_checkpoints(
     """Average HF checkpoint directories (oldest first) into ``out``; returns (out, coefficients).
 
     Trainer checkpoints (``step-*`` with an ``hf/`` export) are accepted too. Tensors are averaged in fp32
-    and stored in the first checkpoint's dtype; the config and tokenizer come from the first checkpoint.
+    and stored in the first checkpoint's dtype; the config and tokenizer come from the first checkpoint (for a
+    run's own checkpoints, the tokenizer from the run's ``tokenizer/``).
     """
     if not paths:
         raise ValueError("merge needs at least one checkpoint")
@@ -257,8 +258,17 @@ def merge_checkpoints(
     dtype = load_pretrained_dtype(dirs[0])
     if dtype != torch.float32:
         first = to_precision(first, "bf16")
-    save_pretrained(first, out, tokenizer_dir=dirs[0])
+    save_pretrained(first, out, tokenizer_dir=_tokenizer_dir(dirs[0]))
     return Path(out), coeffs
+
+
+def _tokenizer_dir(hf_dir: Path) -> Path:
+    """Where the tokenizer of an HF checkpoint lies: beside its weights, or, for a run's own checkpoint
+    (``RUN/checkpoints/step-*/hf``, whose model may have been built from a preset), the run's ``tokenizer/``."""
+    if (hf_dir / "tokenizer.json").exists() or hf_dir.name != HF_DIR:
+        return hf_dir
+    run_tokenizer = hf_dir.parent.parent.parent / "tokenizer"
+    return run_tokenizer if (run_tokenizer / "tokenizer.json").exists() else hf_dir
 
 
 def load_pretrained_dtype(path: Path) -> torch.dtype:

@@ -96,6 +96,10 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
     from rlplat.models import load_pretrained
 
     load_pretrained(tmp_path / "merged")
+    # the run's tokenizer goes with the merged weights, so they can be served or trained on as they are
+    assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (
+        run_dir / "tokenizer" / "tokenizer.json"
+    ).read_bytes()
 
 
 def start_run(tmp_path, *overrides):
@@ -147,6 +151,7 @@ def test_ctrl_c_in_the_warm_start_checkpoints_it_and_resume_finishes_it(local_ra
     )
 
     assert main(["run", "--resume", str(run_dir)]) == 0  # the warm start's remaining steps, then RL
+    assert f"in the warm start, after {done}/30 of its steps" in (run_dir / "run.log").read_text()
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1]
     # the stopped warm start's checkpoint (step-<done>) is gone once the finished one is saved
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [
