@@ -307,8 +307,8 @@ def default_target(results: dict[str, list[SeedRun]], reference: str = "exact") 
 
 def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: float | None) -> str:
     head = (
-        "| variant | seeds | start acc | final acc | best acc | steps to target | wall time (s) | mismatch KL | "
-        "max \\|Δlogp\\| | routing disagreement |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        "| variant | seeds | start acc | final acc | gain | best acc | steps to target | wall time (s) | "
+        "mismatch KL | max \\|Δlogp\\| | routing disagreement |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for name, runs in results.items():
@@ -316,6 +316,8 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
         # start: the warm-started policy (line 0), evaluated by this variant's own rollout engine
         start = [a[0][1] for a in acc if a and a[0][0] == 0]
         final = [a[-1][1] for a in acc if a]
+        # final − start per seed: the starts differ by engine (a bf16 engine scores the same policy differently)
+        gain = [a[-1][1] - a[0][1] for a in acc if a and a[0][0] == 0]
         best = [max(v for _, v in a) for a in acc if a]
         reached = (
             [next((s for s, v in a if v >= target), None) for a in acc if a] if target is not None else []
@@ -330,7 +332,8 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
         dlogp = [v for r in runs for _, v in _values(r, "mismatch/max_abs_dlogp")]
         routing = [v for r in runs for _, v in _values(r, "mismatch/routing_disagreement")]
         lines.append(
-            f"| {labels[name]} | {len(runs)} | {_mean_std(start)} | {_mean_std(final)} | {_mean_std(best)} | {to_target} | "
+            f"| {labels[name]} | {len(runs)} | {_mean_std(start)} | {_mean_std(final)} | {_mean_std(gain)} | "
+            f"{_mean_std(best)} | {to_target} | "
             f"{f'{sum(walls) / len(walls):.0f}' if walls else '–'} | "
             f"{f'{sum(kl) / len(kl):.2e}' if kl else '–'} | {f'{max(dlogp):.3g}' if dlogp else '–'} | "
             f"{f'{sum(routing) / len(routing):.4f}' if routing else 'not recorded'} |"
@@ -363,7 +366,7 @@ def report(
         f"Hardware: {hardware()}.\n\n"
         f"Held-out accuracy: greedy, on the config's `data.eval_prompts` held-out problems, evaluated by "
         f"each variant's own rollout engine (so a bf16 or FP8 engine scores the same warm-started policy "
-        f"differently). Start: line 0, the warm-started policy; final: the last evaluation; best: the highest; mean ± sample std over seeds. Steps to target: "
+        f"differently). Start: line 0, the warm-started policy; final: the last evaluation; gain: final − start, per seed; best: the highest; mean ± sample std over seeds. Steps to target: "
         + (
             f"first RL step whose held-out accuracy ≥ {target} (mean over the seeds that reach it). "
             if target is not None

@@ -121,8 +121,8 @@ def test_report_from_synthetic_runs(ablation, tmp_path):
     # start 0.10 / 0.11, final 0.50 / 0.51, best the same; target halfway from 0.105 to 0.505 = 0.305,
     # reached at steps 15 / 10
     assert cells[1] == "2" and cells[2] == "0.105 ± 0.007"
-    assert cells[3] == "0.505 ± 0.007" and cells[4] == "0.505 ± 0.007"
-    assert cells[5] == "12.5 (2/2 seeds)" and cells[6] == "40" and cells[9] == "0.0000"
+    assert cells[3] == "0.505 ± 0.007" and cells[4] == "0.400 ± 0.000" and cells[5] == "0.505 ± 0.007"
+    assert cells[6] == "12.5 (2/2 seeds)" and cells[7] == "40" and cells[10] == "0.0000"
     tis_row = next(line for line in body.splitlines() if line.startswith("| bf16 + TIS"))
     assert "1.00e-03" in tis_row and "| 0.0010 |" in tis_row
 
