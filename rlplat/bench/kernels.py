@@ -9,7 +9,8 @@ inputs, the two taking turns so that a change in machine load hits both):
 
 Measured: forward + backward time and peak memory above the inputs (CPU: the process's resident high-water
 mark, each measurement in a fresh process; GPU: ``torch.cuda.max_memory_allocated``) for B = 1 and each T; and
-the time of one decode step (no grad) against a context of L tokens (gemm: one row). On a GPU with
+the time of one decode step (no grad) of ``--decode-batches`` sequences (default 1), each against a context of L
+tokens (gemm: that many rows). On a GPU with
 ``flash-linear-attention`` installed, FLA's chunked simple-GLA kernel is timed as well (a reference for speed,
 not an rlplat path). ``--layer`` adds one whole decoder layer of Ring-mini-linear-2.0 (hidden 2048, 16 heads,
 256 experts of width 512 + shared expert) forward + backward at T = 4096 on each path.
@@ -53,6 +54,10 @@ class Settings:
     dtypes: tuple[str, ...] = ("fp32", "bf16")
     seq_lens: tuple[int, ...] = (512, 2048, 8192)
     contexts: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    # decode rows at once: 1 is the worst case (every invariant GEMM pads to 16 rows); a rollout decodes its
+    # batch's sequences together
+    decode_batches: tuple[int, ...] = (1,)
+    phases: tuple[str, ...] = ("fwd_bwd", "decode")
     repeats: int = 3
     decode_repeats: int = 20
     layer: bool = False
@@ -62,7 +67,14 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(dtypes=("fp32",), seq_lens=(128,), contexts=(64, 300), repeats=1, decode_repeats=2)
+        return cls(
+            dtypes=("fp32",),
+            seq_lens=(128,),
+            contexts=(64, 300),
+            decode_batches=(1, 3),
+            repeats=1,
+            decode_repeats=2,
+        )
 
 
 def _gen(seed: int = SEED) -> torch.Generator:
@@ -286,41 +298,44 @@ def bench_decode(settings: Settings, log: Callable[[str], None]) -> list[dict]:
         for dtype_name in settings.dtypes:
             dtype = DTYPES[dtype_name]
             for L in settings.contexts if op != "gemm" else settings.contexts[:1]:
-                fns = {
-                    path: in_mode(settings, inv, _decode_fn(op, L, dtype, settings, inv))
-                    for path, inv in PATHS.items()
-                }
-                for path, times in interleaved(fns, settings.decode_repeats, settings.device).items():
-                    rows.append(
-                        {
-                            "op": op, "dtype": dtype_name, "context": L, "path": path,
-                            "ms": 1e3 * statistics.median(times), "ms_best": 1e3 * min(times),
-                        }
-                    )  # fmt: skip
-                log(f"decode {op} {dtype_name} L={L} done")
+                for b in settings.decode_batches:
+                    fns = {
+                        path: in_mode(settings, inv, _decode_fn(op, L, b, dtype, settings, inv))
+                        for path, inv in PATHS.items()
+                    }
+                    for path, times in interleaved(fns, settings.decode_repeats, settings.device).items():
+                        rows.append(
+                            {
+                                "op": op, "dtype": dtype_name, "context": L, "batch": b, "path": path,
+                                "ms": 1e3 * statistics.median(times), "ms_best": 1e3 * min(times),
+                            }
+                        )  # fmt: skip
+                    log(f"decode {op} {dtype_name} L={L} B={b} done")
     return rows
 
 
-def _decode_fn(op: str, L: int, dtype: torch.dtype, settings: Settings, invariant: bool) -> Callable[[], Any]:
-    """One decode step against a context of L tokens, its state filled with random values (its cost depends only on
-    the shapes). Each mode gets the state layout it keeps (see rlplat.models.cache)."""
+def _decode_fn(
+    op: str, L: int, b: int, dtype: torch.dtype, settings: Settings, invariant: bool
+) -> Callable[[], Any]:
+    """One decode step of ``b`` sequences, each against a context of L tokens, the state filled with random values
+    (its cost depends only on the shapes). Each mode gets the state layout it keeps (see rlplat.models.cache)."""
     g, dev = _gen(L), settings.device
     rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)
     if op == "gemm":
-        x, w = rand(1, HIDDEN).to(dtype), (rand(QKV, HIDDEN) * HIDDEN**-0.5).to(dtype)
+        x, w = rand(b, HIDDEN).to(dtype), (rand(QKV, HIDDEN) * HIDDEN**-0.5).to(dtype)
         return lambda: linear(x, w)
-    q = rand(1, 1, H, D).to(dtype)
+    q = rand(b, 1, H, D).to(dtype)
     if op == "linear_attention":
-        k, v = rand(1, 1, H, D).to(dtype), rand(1, 1, H, D).to(dtype)
+        k, v = rand(b, 1, H, D).to(dtype), rand(b, 1, H, D).to(dtype)
         decay, C = -(torch.rand(H, generator=g) * 0.5 + 0.01).to(dev), kernels.get_mode().chunk_size
-        S = rand(1, H, D, D) * 0.02
+        S = rand(b, H, D, D) * 0.02
         fill = torch.arange(C, device=dev)[:, None] < L % C
-        state = ChunkState(S, *(torch.where(fill, rand(1, H, C, D), 0).to(dtype) for _ in range(2)))
-        start, one = torch.tensor([L], device=dev), torch.ones(1, dtype=torch.long, device=dev)
+        state = ChunkState(S, *(torch.where(fill, rand(b, H, C, D), 0).to(dtype) for _ in range(2)))
+        start, one = torch.full((b,), L, device=dev), torch.ones(b, dtype=torch.long, device=dev)
         return lambda: linear_attention(q, k, v, decay, D**-0.5, state if invariant else S, start, one)
     # the KV cache as rlplat keeps it: fp32 [B, G, capacity, D], viewed [B, capacity, G, D]
-    cache_k, cache_v = (rand(1, G, L + 1, D).transpose(1, 2) for _ in range(2))
-    pos = torch.tensor([[L]], device=dev)
+    cache_k, cache_v = (rand(b, G, L + 1, D).transpose(1, 2) for _ in range(2))
+    pos = torch.full((b, 1), L, device=dev)
     return lambda: softmax_attention(q, cache_k, cache_v, pos, D**-0.5)
 
 
@@ -406,9 +421,9 @@ def ratios(fwd_bwd_rows: list[dict], decode_rows: list[dict]) -> list[dict]:
                 "meets_target": (time_ratio <= TARGET and mem_ratio <= TARGET) if T >= 2048 else None,
             }
         )  # fmt: skip
-    dec = {(r["op"], r["dtype"], r["context"], r["path"]): r for r in decode_rows}
-    for (op, dtype, L, path), r in dec.items():
-        plain = dec.get((op, dtype, L, "plain"))
+    dec = {(r["op"], r["dtype"], r["context"], r.get("batch", 1), r["path"]): r for r in decode_rows}
+    for (op, dtype, L, b, path), r in dec.items():
+        plain = dec.get((op, dtype, L, b, "plain"))
         if path == "invariant" and plain is not None:
             ratio = r["ms"] / plain["ms"]
             out.append(
@@ -416,6 +431,7 @@ def ratios(fwd_bwd_rows: list[dict], decode_rows: list[dict]) -> list[dict]:
                     "op": op,
                     "dtype": dtype,
                     "context": L,
+                    "batch": b,
                     "phase": "decode",
                     "time_ratio": ratio,
                     "meets_target": ratio <= TARGET,
@@ -442,8 +458,9 @@ def table(rows: list[dict]) -> Table:
         t.add_column(col)
     for r in rows:
         target = {True: "met", False: "MISSED", None: "-"}[r["meets_target"]]
+        where = str(r["T"]) if "T" in r else f"{r['context']}, batch {r['batch']}"
         t.add_row(
-            r["op"], r["dtype"], r["phase"], str(r.get("T", r.get("context"))), f"{r['time_ratio']:.2f}×",
+            r["op"], r["dtype"], r["phase"], where, f"{r['time_ratio']:.2f}×",
             f"{r['memory_ratio']:.2f}×" if "memory_ratio" in r else "-", target,
         )  # fmt: skip
     return t
@@ -453,8 +470,8 @@ def run(settings: Settings, console: Console, out_dir: str = "bench_results") ->
     log = lambda msg: console.log(msg)
     checks = [check_op(settings, op, DTYPES[d]) for op in settings.ops for d in settings.dtypes]
     log("correctness gate passed: " + ", ".join(f"{c['op']} {c['dtype']}" for c in checks))
-    fb = bench_fwd_bwd(settings, log)
-    dec = bench_decode(settings, log)
+    fb = bench_fwd_bwd(settings, log) if "fwd_bwd" in settings.phases else []
+    dec = bench_decode(settings, log) if "decode" in settings.phases else []
     layer = bench_layer(settings, log) if settings.layer else []
     summary = ratios(fb, dec)
     console.print(table(summary))
@@ -473,6 +490,10 @@ def register(sub) -> None:
     p.add_argument("--dtypes", default=None, help="comma-separated subset of fp32,bf16")
     p.add_argument("--seq-lens", default=None, help="comma-separated T for fwd+bwd (default 512,2048,8192)")
     p.add_argument("--contexts", default=None, help="comma-separated decode contexts (default 256..8192)")
+    p.add_argument(
+        "--decode-batches", default=None, help="comma-separated sequences decoded at once (default 1)"
+    )
+    p.add_argument("--phases", default=None, help="comma-separated subset of fwd_bwd,decode (default both)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3)")
     p.add_argument("--layer", action="store_true", help="also one Ring-mini decoder layer fwd+bwd at T=4096")
     p.add_argument("--backend", choices=kernels.BACKENDS, default="reference")
@@ -502,6 +523,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         changes["seq_lens"] = csv_ints(args.seq_lens)
     if args.contexts:
         changes["contexts"] = csv_ints(args.contexts)
+    if args.decode_batches:
+        changes["decode_batches"] = csv_ints(args.decode_batches)
+    if args.phases:
+        changes["phases"] = csv_names(args.phases)
+        bad = set(changes["phases"]) - {"fwd_bwd", "decode"}
+        if bad or not changes["phases"]:
+            raise ValueError(f"unknown phase(s) {sorted(bad)}; choose from fwd_bwd, decode")
     if args.repeats:
         changes["repeats"] = args.repeats
     if args.device == "cuda" and not torch.cuda.is_available():
