@@ -54,7 +54,7 @@ else
     >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; exit 2; }
   export PYTHONPATH=/tmp/site:$PWD
   PYTEST_SEL=(tests/kernels tests/models/test_invariance.py -m "gpu or triton")
-  BENCH_ARGS=(--repeats 3 --layer --backend triton)
+  BENCH_ARGS=(--repeats 3 --layer --backend triton --decode-batches 1,32)
   ALIGN_OVERRIDES=("rollout.alignment.prompt_length=[1,300]" "rollout.alignment.max_new_tokens=[64,200]")
   ALIGN_FLAGS=(--num-prompts 16 --n 2)
   ALIGN_TIMEOUT=45
