@@ -299,12 +299,14 @@ def run(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> int:
                     )
                     rl = bar.add_task(f"RL ({where} Ray)", total=cfg.run.steps, status="")
 
-                    def resumed(checkpoint: Path, step: int, warm: int) -> None:
-                        if warm < cfg.run.warm_start_steps:
-                            where = f"in the warm start, after {warm}/{cfg.run.warm_start_steps} of its steps"
-                        else:
-                            where = f"at step {step}"
-                        say(f"resumed from {checkpoint} {where}")
+                    def resumed(checkpoint: Path, step: int, warm_done: int) -> None:
+                        n = cfg.run.warm_start_steps
+                        at = (
+                            f"in the warm start, after {warm_done}/{n} of its steps"
+                            if warm_done < n
+                            else f"at step {step}"
+                        )
+                        say(f"resumed from {checkpoint} {at}")
                         bar.update(rl, completed=step)
 
                     def warm_start(k: int, m: dict) -> None:

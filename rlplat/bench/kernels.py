@@ -319,15 +319,18 @@ def _decode_fn(
 ) -> Callable[[], Any]:
     """One decode step of ``b`` sequences, each against a context of L tokens, the state filled with random values
     (its cost depends only on the shapes). Each mode gets the state layout it keeps (see rlplat.models.cache)."""
-    g, dev = _gen(L), settings.device
-    rand = lambda *shape: torch.randn(*shape, generator=g).to(dev)
+    dev = settings.device
+    g = torch.Generator(device=dev).manual_seed(
+        L
+    )  # on a GPU drawn there: batch 32 at 8K is gigabytes of cache
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=dev)
     if op == "gemm":
         x, w = rand(b, HIDDEN).to(dtype), (rand(QKV, HIDDEN) * HIDDEN**-0.5).to(dtype)
         return lambda: linear(x, w)
     q = rand(b, 1, H, D).to(dtype)
     if op == "linear_attention":
         k, v = rand(b, 1, H, D).to(dtype), rand(b, 1, H, D).to(dtype)
-        decay, C = -(torch.rand(H, generator=g) * 0.5 + 0.01).to(dev), kernels.get_mode().chunk_size
+        decay, C = -(torch.rand(H, generator=g, device=dev) * 0.5 + 0.01), kernels.get_mode().chunk_size
         S = rand(b, H, D, D) * 0.02
         fill = torch.arange(C, device=dev)[:, None] < L % C
         state = ChunkState(S, *(torch.where(fill, rand(b, H, C, D), 0).to(dtype) for _ in range(2)))

@@ -248,10 +248,11 @@ class RoutedExperts(nn.ModuleList):
         # its slot with one copy (not one copy of the whole [N, k, C] per expert)
         order = ids_Nk.flatten().argsort(stable=True)
         counts = torch.bincount(ids_Nk.flatten(), minlength=len(self)).tolist()
-        # Each token's row is repeated k times and then permuted, not gathered as x[order // k]: the backward of
-        # a gather with repeated indices accumulates with threads racing (torch's CPU index_put_, atomics on
-        # GPUs), so the gradients would differ run to run; an expand's backward is a fixed-order sum over k.
-        rows = x_NC[:, None].expand(N, k, C).reshape(N * k, C).index_select(0, order).split(counts)
+        # Rows are taken from the k-fold expanded view at unique (token, slot) pairs, not gathered as
+        # x[order // k]: the backward of a gather with repeated indices accumulates with threads racing
+        # (torch's CPU index_put_, atomics on GPUs), so the gradients would differ run to run; with unique
+        # pairs each gradient row is written once, and the expand's backward is a fixed-order sum over k.
+        rows = x_NC[:, None].expand(N, k, C)[order // k, order % k].split(counts)
         y = torch.cat([self[e](x) for e, x in enumerate(rows) if len(x)]).float()
         y = y * weights_Nk.flatten()[order, None]
         return y.new_zeros(N * k, C).index_copy(0, order, y).view(N, k, C)

@@ -265,9 +265,14 @@ def merge_checkpoints(
 def _tokenizer_dir(hf_dir: Path) -> Path:
     """Where the tokenizer of an HF checkpoint lies: beside its weights, or, for a run's own checkpoint
     (``RUN/checkpoints/step-*/hf``, whose model may have been built from a preset), the run's ``tokenizer/``."""
-    if (hf_dir / "tokenizer.json").exists() or hf_dir.name != HF_DIR:
+    hf_dir = hf_dir.resolve()  # `rlplat merge step-A step-B` from inside checkpoints/ has no parents to walk
+    if (
+        (hf_dir / "tokenizer.json").exists()
+        or hf_dir.name != HF_DIR
+        or hf_dir.parents[1].name != "checkpoints"
+    ):
         return hf_dir
-    run_tokenizer = hf_dir.parent.parent.parent / "tokenizer"
+    run_tokenizer = hf_dir.parents[2] / "tokenizer"
     return run_tokenizer if (run_tokenizer / "tokenizer.json").exists() else hf_dir
 
 

@@ -62,9 +62,10 @@ def test_pool_scores_from_refs_concurrently_with_metrics():
         pool = RewardPool(lambda: actor.remote(config), 2, max_restarts=0)
         packed, items = samples([[g % 2] * N for g in range(3)], [[1] * N] * 3)
         rollouts = Rollouts([ray.put(packed)], [[0, 1, 2]], RolloutSummary.of(packed, 0))
+        pool.take_metrics()  # the workers are up: their start-up is not in the time below
         t0 = time.perf_counter()
         scores = pool.score(rollouts, items)
-        # 12 sleepy calls of 30 s each, abandoned at 0.3 s: far less than one call's sleep, whatever the load
+        # 12 sleepy calls of 30 s each, abandoned at their 0.3 s timeout: far less than one call's sleep
         assert time.perf_counter() - t0 < 15.0
         assert scores.rewards == [float(g % 2) for g in range(3) for _ in range(N)]
         assert scores.errors == [True] * 12 and scores.correct == [False] * 12  # a timeout is no verdict

@@ -31,7 +31,9 @@ def test_quick_benchmark_covers_every_op_path_and_decode_batch(tmp_path):
     }
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in doc["decode"])
     ms = {(r["op"], r["context"], r["batch"], r["path"]): r["ms"] for r in doc["decode"]}
-    for r in (r for r in doc["ratios"] if r["phase"] == "decode"):
+    decode_ratios = [r for r in doc["ratios"] if r["phase"] == "decode"]
+    assert {(r["op"], r["context"], r["batch"]) for r in decode_ratios} == {key[:3] for key in ms}
+    for r in decode_ratios:
         key = (r["op"], r["context"], r["batch"])
         assert r["time_ratio"] == pytest.approx(ms[(*key, "invariant")] / ms[(*key, "plain")])
         assert r["meets_target"] == (r["time_ratio"] <= bench_kernels.TARGET)
