@@ -206,6 +206,11 @@ class SeedRun:
     seed: int
     rows: list[dict[str, Any]]
     wall_s: float | None
+    steps: int  # run.steps of its config.yaml: the run is finished when its metrics reach it
+
+    @property
+    def finished(self) -> bool:
+        return self.rows[-1]["step"] >= self.steps
 
 
 def collect(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dict[str, list[SeedRun]]:
@@ -218,7 +223,8 @@ def collect(out: Path, variants: Sequence[Variant], seeds: Sequence[int]) -> dic
             dirs = run_dirs(directory)
             rows = read_metrics(dirs[-1]) if dirs else []
             if rows:
-                runs.append(SeedRun(seed, rows, wall_time(directory, rows)))
+                steps = yaml.safe_load((dirs[-1] / "config.yaml").read_text())["run"]["steps"]
+                runs.append(SeedRun(seed, rows, wall_time(directory, rows), steps))
         results[v.name] = runs
     return results
 
@@ -354,7 +360,15 @@ def report(
     out: Path, variants: Sequence[Variant], seeds: Sequence[int], target: float | None, argv: str
 ) -> str:
     """Write ablation.png and results.md under ``out``; returns the table."""
-    results = collect(out, variants, seeds)
+    collected = collect(out, variants, seeds)
+    # a run still going (or stopped) has no final accuracy yet: it is named, not averaged in
+    results = {name: [r for r in runs if r.finished] for name, runs in collected.items()}
+    unfinished = [
+        f"{name} seed {r.seed} (step {r.rows[-1]['step']} of {r.steps})"
+        for name, runs in collected.items()
+        for r in runs
+        if not r.finished
+    ]
     labels = {v.name: v.label for v in variants}
     target = target if target is not None else default_target(results)
     plot(results, labels, out / "ablation.png")
@@ -374,7 +388,9 @@ def report(
         )
         + f"Wall time: {wall}. Mismatch KL: mean over steps and seeds; max |Δlogp|: over all steps and seeds; "
         f"routing disagreement: mean share of (response token, MoE layer) pairs whose expert sets differ "
-        f"between rollout and trainer.\n\n{body}\n![ablation](ablation.png)\n"
+        f"between rollout and trainer.\n\n{body}\n"
+        + (f"Left out, unfinished: {', '.join(unfinished)}.\n\n" if unfinished else "")
+        + "![ablation](ablation.png)\n"
     )
     (out / "results.md").write_text(text, encoding="utf-8")
     return body

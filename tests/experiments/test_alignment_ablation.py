@@ -86,12 +86,13 @@ def test_a_bad_variant_fails_before_any_run_starts(ablation, tmp_path, monkeypat
     assert not (tmp_path / "out" / "exact").exists()
 
 
-def _synthetic(directory: Path, steps: int, seed: int, mismatch: float) -> None:
+def _synthetic(directory: Path, steps: int, seed: int, mismatch: float, logged: int | None = None) -> None:
+    """A run of ``steps`` RL steps that has logged its first ``logged`` (default all)."""
     run = directory / f"x-s{seed}-20260101-000000"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(f"run: {{steps: {steps}}}\n")
     rows = []
-    for step in range(steps + 1):
+    for step in range((steps if logged is None else logged) + 1):
         row = {"step": step, "time": 1000.0 + 2 * step, "reward/mean": 0.1 + 0.01 * step + 0.01 * seed}
         if step % 5 == 0:
             row["accuracy/eval"] = 0.1 + 0.02 * step + 0.01 * seed
@@ -109,13 +110,14 @@ def test_report_from_synthetic_runs(ablation, tmp_path):
     for seed in (0, 1):
         _synthetic(tmp_path / "exact" / f"seed{seed}", 20, seed, 0.0)
         _synthetic(tmp_path / "bf16_tis" / f"seed{seed}", 20, seed, 1e-3)
+    _synthetic(tmp_path / "exact" / "seed2", 20, 2, 0.0, logged=12)  # still running: named, not averaged
     assert ablation.finished(ablation.run_dirs(tmp_path / "exact" / "seed0")[-1], 20)
     assert not ablation.finished(ablation.run_dirs(tmp_path / "exact" / "seed0")[-1], 21)
-    body = ablation.report(tmp_path, variants, [0, 1], None, "run.py --report-only")
+    body = ablation.report(tmp_path, variants, [0, 1, 2], None, "run.py --report-only")
     png = (tmp_path / "ablation.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     md = (tmp_path / "results.md").read_text()
-    assert "Hardware:" in md and body in md
+    assert "Hardware:" in md and body in md and "Left out, unfinished: exact seed 2 (step 12 of 20)." in md
     exact_row = next(line for line in body.splitlines() if line.startswith("| exact"))
     cells = [c.strip() for c in exact_row.strip("|").split("|")]
     # start 0.10 / 0.11, final 0.50 / 0.51, best the same; target halfway from 0.105 to 0.505 = 0.305,
