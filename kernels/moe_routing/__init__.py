@@ -78,3 +78,14 @@ class _TritonRouting(torch.autograd.Function):
             grad_s = ctx.scaling * grad_w_Nk
         grad_logits = torch.zeros_like(logits_NE).scatter_add_(1, ids_Nk, grad_s * s * (1 - s))
         return grad_logits, None, None, None, None, None, None
+
+
+def expert_rows(x_NC: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """A token's row once per (token, slot) pair, pairs in ``order`` (a permutation of N·k token-major pair
+    ids, e.g. grouped by expert): ``x[order // k]`` with a deterministic backward (see the reference)."""
+    check_ndim("x", x_NC, 2, "N, C")
+    if order.shape != (x_NC.shape[0] * k,):
+        raise ValueError(
+            f"expert_rows: order must hold the N·k = {x_NC.shape[0] * k} pair ids, got {tuple(order.shape)}"
+        )
+    return reference.expert_rows(x_NC, order, k)

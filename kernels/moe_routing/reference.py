@@ -47,3 +47,28 @@ def group_limited_topk(
         total = tree_sum(weights, dim=-1) if invariant else weights.sum(-1)
         weights = weights / (total[:, None] + 1e-20)
     return weights * routed_scaling_factor, ids
+
+
+class _ExpertRows(torch.autograd.Function):
+    """Forward: the rows ``x[order // k]``. Backward: each row's gradient written to its own (token, slot) place
+    of an [N, k, C] buffer (``order`` is a permutation, so no place is written twice), then summed over the k
+    slots in a fixed order. The library backward of that gather adds the k rows of a token into one place with
+    threads racing (torch's CPU ``index_put_``, atomics on GPUs), so gradients would differ run to run."""
+
+    @staticmethod
+    def forward(ctx, x_NC: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k, ctx.N = k, x_NC.shape[0]
+        return x_NC.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        slots = grad_rows.new_zeros(ctx.N * ctx.k, grad_rows.shape[-1]).index_copy_(0, order, grad_rows)
+        return slots.view(ctx.N, ctx.k, -1).sum(1), None, None
+
+
+def expert_rows(x_NC: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """Row ``order[i] // k`` of x for every i: a token's input once for each of its k (token, slot) pairs, in
+    the order ``order`` (a permutation of the N·k pairs, token-major ids). Deterministic gradients."""
+    return _ExpertRows.apply(x_NC, order, k)

@@ -29,7 +29,7 @@ from kernels.fp8 import fp8_linear
 from kernels.group_norm_gate import group_rms_norm_gate
 from kernels.linear_attention import linear_attention
 from kernels.lm_head import lm_head_logits, lm_head_logprobs
-from kernels.moe_routing import group_limited_topk
+from kernels.moe_routing import expert_rows, group_limited_topk
 from kernels.rmsnorm import rms_norm
 from kernels.rope import apply_rotary, rope_table
 from kernels.softmax_attention import softmax_attention
@@ -248,11 +248,7 @@ class RoutedExperts(nn.ModuleList):
         # its slot with one copy (not one copy of the whole [N, k, C] per expert)
         order = ids_Nk.flatten().argsort(stable=True)
         counts = torch.bincount(ids_Nk.flatten(), minlength=len(self)).tolist()
-        # Rows are taken from the k-fold expanded view at unique (token, slot) pairs, not gathered as
-        # x[order // k]: the backward of a gather with repeated indices accumulates with threads racing
-        # (torch's CPU index_put_, atomics on GPUs), so the gradients would differ run to run; with unique
-        # pairs each gradient row is written once, and the expand's backward is a fixed-order sum over k.
-        rows = x_NC[:, None].expand(N, k, C)[order // k, order % k].split(counts)
+        rows = expert_rows(x_NC, order, k).split(counts)  # x[order // k], with deterministic gradients
         y = torch.cat([self[e](x) for e, x in enumerate(rows) if len(x)]).float()
         y = y * weights_Nk.flatten()[order, None]
         return y.new_zeros(N * k, C).index_copy(0, order, y).view(N, k, C)

@@ -9,7 +9,7 @@ from kernels.fp8 import dequantize_blockwise, fp8_linear, quantize_blockwise
 from kernels.linear_attention import linear_attention
 from kernels.linear_attention.reference import chunk_linear_attention, recurrent_step
 from kernels.lm_head import lm_head_logprobs
-from kernels.moe_routing import group_limited_topk
+from kernels.moe_routing import expert_rows, group_limited_topk
 from kernels.rmsnorm import rms_norm
 from kernels.softmax_attention import softmax_attention
 
@@ -166,3 +166,20 @@ def test_fused_lm_head_backward_matches_autograd():
 def test_bad_input_errors_say_what_to_fix(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_expert_rows_gathers_and_sums_each_tokens_slot_gradients():
+    N, k, C = 50, 4, 8
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.stack([torch.randperm(16, generator=gen)[:k] for _ in range(N)])
+    order = ids.flatten().argsort(stable=True)  # grouped by expert, as the MoE does
+    x = torch.randn(N, C, generator=gen, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(N * k, C, generator=gen, dtype=torch.float64)
+    rows = expert_rows(x, order, k)
+    assert torch.equal(rows, x[order // k])
+    rows.backward(grad)
+    # token n's gradient: the sum of the gradients of its k rows, wherever the permutation put them
+    expected = torch.zeros(N, C, dtype=torch.float64).index_add_(0, order // k, grad)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="N·k = 200 pair ids"):
+        expert_rows(x, order[:-1], k)
