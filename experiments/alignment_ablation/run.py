@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gzip
 import json
 import math
 import platform
@@ -155,10 +156,14 @@ def run_dirs(directory: Path) -> list[Path]:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl, one dict per step (a repeated step: the later line wins; a line cut short is skipped)."""
     by_step: dict[int, dict] = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    path, packed = run_dir / "metrics.jsonl", run_dir / "metrics.jsonl.gz"  # .gz: results kept in the repository
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+    elif packed.exists():
+        text = gzip.decompress(packed.read_bytes()).decode("utf-8")
+    else:
         return []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:

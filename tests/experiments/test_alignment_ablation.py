@@ -2,6 +2,7 @@
 `rlplat run` would; a bad variant stops the script before any run starts; the figure and the table come out
 of small synthetic metrics.jsonl files (no real runs here)."""
 
+import gzip
 import importlib.util
 import json
 import subprocess
@@ -111,6 +112,9 @@ def test_report_from_synthetic_runs(ablation, tmp_path):
         _synthetic(tmp_path / "exact" / f"seed{seed}", 20, seed, 0.0)
         _synthetic(tmp_path / "bf16_tis" / f"seed{seed}", 20, seed, 1e-3)
     _synthetic(tmp_path / "exact" / "seed2", 20, 2, 0.0, logged=12)  # still running: named, not averaged
+    (tis0,) = ablation.run_dirs(tmp_path / "bf16_tis" / "seed0")  # kept gzipped, as results/ keeps them
+    (tis0 / "metrics.jsonl.gz").write_bytes(gzip.compress((tis0 / "metrics.jsonl").read_bytes()))
+    (tis0 / "metrics.jsonl").unlink()
     assert ablation.finished(ablation.run_dirs(tmp_path / "exact" / "seed0")[-1], 20)
     assert not ablation.finished(ablation.run_dirs(tmp_path / "exact" / "seed0")[-1], 21)
     body = ablation.report(tmp_path, variants, [0, 1, 2], None, "run.py --report-only")
