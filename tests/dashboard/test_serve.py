@@ -82,6 +82,9 @@ def test_ctrl_c_stops_cleanly(synthetic_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # an ignored SIGINT is inherited through exec (some library in this process may ignore it), and Python
+        # then installs no KeyboardInterrupt handler: the child starts with the default, as from a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stdout.readline()
