@@ -75,6 +75,11 @@ def test_cli_arguments():
     assert (args.port, args.host) == (0, "0.0.0.0")
 
 
+def _sigint_as_from_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_stops_cleanly(synthetic_run):
     code = "import sys; from rlplat.dashboard.serve import serve; sys.exit(serve(sys.argv[1], port=0))"
     proc = subprocess.Popen(
@@ -82,9 +87,9 @@ def test_ctrl_c_stops_cleanly(synthetic_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # an ignored SIGINT is inherited through exec (some library in this process may ignore it), and Python
-        # then installs no KeyboardInterrupt handler: the child starts with the default, as from a terminal
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # an ignored or blocked SIGINT is inherited through exec (a library thread of this process may have
+        # left either), and the child then never sees Ctrl-C: it starts with SIGINT as from a terminal
+        preexec_fn=_sigint_as_from_a_terminal,
     )
     try:
         line = proc.stdout.readline()
