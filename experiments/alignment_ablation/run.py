@@ -156,10 +156,8 @@ def run_dirs(directory: Path) -> list[Path]:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl, one dict per step (a repeated step: the later line wins; a line cut short is skipped)."""
     by_step: dict[int, dict] = {}
-    path, packed = (
-        run_dir / "metrics.jsonl",
-        run_dir / "metrics.jsonl.gz",
-    )  # .gz: results kept in the repository
+    path = run_dir / "metrics.jsonl"
+    packed = run_dir / "metrics.jsonl.gz"  # how results kept in the repository store it
     if path.exists():
         text = path.read_text(encoding="utf-8")
     elif packed.exists():
