@@ -40,6 +40,31 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch._dynamo
 
+
+def _interpreted_dot_row_by_row() -> None:
+    """The interpreter evaluates ``tl.dot`` with numpy's matmul, and the OpenBLAS under numpy rounds a row by
+    its place in the tile on some CPUs: with its Haswell kernels (what it picks on the AMD EPYC machines, AVX2
+    or AVX-512) a row moved down by one gives other bits, while a GPU's MMA gives a row the same bits wherever
+    it sits. The kernels' invariance tests move rows inside tiles on purpose, so the interpreter's dot is
+    modelled here as one matrix-vector product per row: every row the same call, whatever its place. Float8
+    inputs keep the interpreter's own path (converted there; their tests do not move rows)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    library_dot = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+            return library_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+        rows = np.matmul(a.data[..., :, None, :], b.data[..., None, :, :], dtype=d.data.dtype)[..., 0, :]
+        return interpreter.TensorHandle(rows + d.data, d.dtype.scalar)
+
+    builder.create_dot = create_dot
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    with contextlib.suppress(ImportError):
+        _interpreted_dot_row_by_row()
 # Libraries whose first import changes the process for good: megatron.core puts setuptools' vendored packages on
 # sys.path, vLLM sets environment variables and wraps torch.cuda.set_stream, OpenCV (via vLLM) sets
 # LD_LIBRARY_PATH. Imported here, before any test, so that whichever test happens to import them first is not
