@@ -256,14 +256,16 @@ def _decode_step(q_BTHD, k_BTHD, v_BTHD, log_decay_H, scale, state: ChunkState, 
     else:
         keys[rows, :, fill_B] = k_BTHD[:, 0].to(keys.dtype)
         values[rows, :, fill_B] = v_BTHD[:, 0].to(values.dtype)
-    # one query row, padded once to the GEMMs' row minimum (what rows_matmul would do for each of them)
-    q = torch.nn.functional.pad(q_BTHD[:, 0].float()[:, :, None, :], (0, 0, 0, MIN_ROWS - 1))  # [B, H, 16, D]
+    # The training expression for this one row: the elementwise factors (decay, mask, scale) touch only the
+    # live row, and each GEMM takes it padded to the row minimum (what rows_matmul would do, once per GEMM).
+    pad = lambda x_BH1N: torch.nn.functional.pad(x_BH1N, (0, 0, 0, MIN_ROWS - 1))
+    q = q_BTHD[:, 0, :, None, :].float()  # [B, H, 1, D]
     kf, vf = keys.float(), values.float()
     S = state.state_BHDD.float()
     decay_q = dec.q_HC.t()[fill_B][:, :, None, None]  # [B, H, 1, 1]
-    inter = (q * decay_q) @ S
-    scores = (q @ kf.transpose(-1, -2)) * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
-    o = ((inter + scores @ vf) * scale)[:, :, :1]
+    inter = (pad(q * decay_q) @ S)[:, :, :1]
+    scores = (pad(q) @ kf.transpose(-1, -2))[:, :, :1] * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
+    o = (inter + (pad(scores) @ vf)[:, :, :1]) * scale
     # a full chunk is folded with the same fixed-shape GEMM and the same update as in _chunk_states
     folds = (real_B & (fill_B == C - 1))[:, None, None, None]
     if bool(folds.any()):
