@@ -26,7 +26,9 @@ is ours:
   weights in the experts and add a token's k rows by ``scatter_add`` in expert order (atomics on GPUs).
   The rows come back from the dispatcher's all-to-all, each goes to its token's slot, and the slots are
   summed by ``RoutedExperts`` in the rollout's fixed fp32 order. Without expert parallelism no dispatcher
-  is built (it would send nothing); Megatron's ``permute`` alone orders the rows.
+  is built (it would send nothing), and neither is Megatron's ``permute`` used: its backward adds a token's
+  k row gradients with ``index_add`` (atomics on GPUs), so the rows are gathered by the rollout's
+  ``expert_rows`` in the same expert-major order, whose backward sums the k slots in a fixed order.
 
 MoE under tensor parallelism (expert tensor parallel size 1, as Megatron does with sequence parallelism):
 activations are replicated across tensor-parallel ranks, so each rank routes a 1/tp slice of the tokens,
@@ -53,13 +55,13 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.moe.moe_utils import permute
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from kernels.batch_invariant import linear as invariant_linear
 from kernels.fp8 import fp8_linear
+from kernels.moe_routing import expert_rows
 from kernels.rope import rope_table
 from rlplat.models.config import RingLinearConfig
 from rlplat.models.ring_linear import (
@@ -210,9 +212,11 @@ class DispatchedExperts(RoutedExperts):
         N, k = ids_Nk.shape
         routing_map_NE = torch.zeros(N, E, dtype=torch.bool, device=x_NC.device).scatter_(1, ids_Nk, True)
         rows_per_expert_E = routing_map_NE.sum(0)
-        if self.dispatcher is None:  # one expert-parallel rank: Megatron's permutation, nothing to send
-            x_rows, _, token_of_row = permute(x_NC, routing_map_NE, num_out_tokens=N * k)
-            y_rows = self._run_experts(x_rows, rows_per_expert_E.tolist())
+        if self.dispatcher is None:  # one expert-parallel rank: nothing to send
+            # (token, slot) pairs expert-major, tokens in order within an expert: Megatron's permute order
+            order = ids_Nk.flatten().argsort(stable=True)
+            token_of_row, slot_of_row = order // k, order % k
+            y_rows = self._run_experts(expert_rows(x_NC, order, k), rows_per_expert_E.tolist())
         else:
             # The dispatcher carries routing probabilities to the experts, where Megatron's experts would
             # scale by them; ours are applied after the combine, in fp32 as the rollout does, so its copy is
@@ -224,12 +228,12 @@ class DispatchedExperts(RoutedExperts):
             y_rows = self._run_experts(x_rows, tokens_per_expert.tolist())
             y_rows = d.token_combine(d.combine_preprocess(y_rows))
             token_of_row = d.reversed_local_input_permutation_mapping
+            expert_of_row = torch.repeat_interleave(
+                torch.arange(E, device=x_NC.device), rows_per_expert_E, output_size=N * k
+            )
+            slot_of_row = (ids_Nk[token_of_row] == expert_of_row[:, None]).int().argmax(1)
         # Back in this rank's permuted order (expert-major); Megatron's unpermute would scatter_add the k
         # rows of a token in that order. Each row goes to its token's slot of its expert instead.
-        expert_of_row = torch.repeat_interleave(
-            torch.arange(E, device=x_NC.device), rows_per_expert_E, output_size=N * k
-        )
-        slot_of_row = (ids_Nk[token_of_row] == expert_of_row[:, None]).int().argmax(1)
         slots_NkC = y_rows.new_zeros(N * k, x_NC.shape[1], dtype=torch.float32)
         slots_NkC = slots_NkC.index_copy(0, token_of_row * k + slot_of_row, y_rows.float()).view(N, k, -1)
         return slots_NkC * weights_Nk[..., None]
