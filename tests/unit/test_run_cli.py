@@ -122,3 +122,13 @@ def test_a_changed_lr_schedule_is_announced(tmp_path, capsys):
     expected = "trainer.lr_decay_steps 4 → 6 (null: run.steps); lr of the next step 0.0001 → 0.0002"
     assert expected in " ".join(err.split())
     assert expected in (run_dir / "run.log").read_text()
+
+
+def test_overrides_after_a_flag_reach_the_config(capsys):
+    """`rlplat check-alignment CONFIG --require-exact key=value`: the override is read (and here refused by the
+    config's validation), not rejected by argparse as an unrecognised argument."""
+    assert main(["check-alignment", TINY, "--require-exact", "model.precision=fp64"]) == 2
+    assert "precision" in error_of(capsys)
+    with pytest.raises(SystemExit):  # an unknown option is still argparse's error
+        main(["check-alignment", TINY, "--exact-please", "model.precision=fp32"])
+    assert "unrecognized arguments: --exact-please" in capsys.readouterr().err
