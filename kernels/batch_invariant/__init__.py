@@ -1,7 +1,7 @@
 """Batch-invariant matmul and the primitives the other invariant kernels are built from.
 
 ``linear`` runs the Triton GEMM (fixed tiles, see ``triton.py``) when the kernel backend is "triton", else the
-reference (library GEMM, fewer than 16 rows padded to 16). Every invariant GEMM of the model goes through it:
+reference (library GEMM, rows padded to a multiple of 4). Every invariant GEMM of the model goes through it:
 the projections, the experts, the router, the FP8 linear after dequantisation, and the LM head.
 """
 
@@ -12,9 +12,9 @@ import torch
 import kernels
 from kernels._checks import check_float
 from kernels.batch_invariant import reference
-from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul, sigmoid, silu, tree_sum
+from kernels.batch_invariant.reference import ROW_MULTIPLE, pad_rows, rows_matmul, sigmoid, silu, tree_sum
 
-__all__ = ["MIN_ROWS", "linear", "rows_matmul", "sigmoid", "silu", "tree_sum"]
+__all__ = ["ROW_MULTIPLE", "linear", "pad_rows", "rows_matmul", "sigmoid", "silu", "tree_sum"]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,21 @@
 """Batch-invariant primitives: GEMMs whose rows do not depend on their batch, order-fixed reductions, exp-based gates.
 
-Why these exist (measured with torch 2.13's MKL on the Intel Xeon and AMD EPYC machines this project runs on):
-- A CPU GEMM gives each output row the same bits however many rows share the call *except* on MKL's small-M
-  paths. With torch 2.13's MKL on the AMD EPYC (AVX-512), fp32 rows differ from the same rows inside a larger
-  call for M in {1, 2, 3} on one thread and {1, 2, 3, 5, 6, 7, 9, 10, 11} on two; batched (``bmm``) fp32 for
-  M in {1, 2, 3}; bf16 batched once (M = 1, K = 2048, one thread); every other M up to 64 agreed, for every
-  row position, transposed operands and batched calls. :func:`rows_matmul` therefore pads a GEMM of fewer than
-  ``MIN_ROWS`` rows with zero rows, so a decode step's single row goes through the same path as a prefill's
-  many. That costs nothing at training sizes (one library GEMM, autograd's two library GEMMs in backward: no
-  per-tile weight gradient is ever materialised) and 16 rows' work for a decode GEMV (measured 4.6× a GEMV for
-  one fp32 row of the QKV projection; 1.0× once a rollout decodes ≥ 16 sequences together).
-  ``tests/kernels/test_invariant_gemm.py`` re-checks the property on the machine it runs on and names the M
-  if a library rounds differently at or beyond ``MIN_ROWS``.
+Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's):
+- A CPU GEMM gives each output row the same bits however many rows share the call, *provided the number of
+  rows M is a multiple of 4*. Swept on an AMD EPYC Zen 4 (AVX-512, K from 80 to 2048, N from 96 to 8192):
+  fp32 rows differ from the same rows inside a larger call for M in {1, 2, 3} on one thread, {1, 2, 3, 5, 6, 7,
+  9, 10, 11} on 2 to 8 threads, and further M ≡ 1, 2, 3 (mod 4) as the threads grow (17–19 and 25–27 at 12 and
+  16 threads, up to 169–171 at 64): MKL splits the rows among its threads and a piece of fewer than four rows
+  takes its small-M path. Every multiple of 4 from 4 to 256 agreed with the large call, on 1 to 64 threads,
+  across thread counts, for every shape, row position and batched (``bmm``) call tried; bf16 differs only at
+  M = 1 (K = 2048, N = 6144). Earlier one- and two-thread measurements on an Intel Xeon (AVX-512), an AMD
+  EPYC (AVX2) and a Zen 5 found the same sets, multiples of 4 always agreeing. :func:`rows_matmul` and
+  :func:`linear` therefore pad M with zero rows to the next multiple of ``ROW_MULTIPLE``, so a decode step's
+  single row goes through the same path as a prefill's many.
+  That costs at most three rows at training sizes, and a 4-row GEMM for a decode GEMV (measured with
+  ``rlplat bench kernels --phases decode``). An earlier 16-row minimum was not enough beyond 8 threads.
+  ``tests/kernels/test_invariant_gemm.py`` re-checks the property on the machine it runs on, on 1, 2 and 16
+  threads, and names the M if a library rounds a multiple of 4 differently.
 - ``torch.sigmoid``, ``F.silu`` and ``torch.rsqrt`` round differently on the scalar tail of a vectorised loop
   than in its vector body, so a value's result depends on its offset in the tensor. ``exp``, ``log``, ``sqrt``,
   ``sin``, ``cos`` and the IEEE operations ``+ - * /`` do not. Gates are therefore written as ``1 / (1 + exp(-x))``
@@ -26,25 +30,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-MIN_ROWS = 16
+ROW_MULTIPLE = 4
+
+
+def pad_rows(a: torch.Tensor) -> torch.Tensor:
+    """``a`` [..., M, K] with zero rows appended up to the next multiple of ``ROW_MULTIPLE`` (``a`` itself if M is
+    one already)."""
+    extra = -a.shape[-2] % ROW_MULTIPLE
+    return F.pad(a, (0, 0, 0, extra)) if extra else a
 
 
 def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` (batched like ``torch.matmul``) where each row of ``a`` gets the same bits whatever ``a``'s
-    number of rows M: calls with M < 16 are padded with zero rows to 16 (see the module docstring)."""
+    number of rows M: M is padded with zero rows to a multiple of ``ROW_MULTIPLE`` (see the module docstring)."""
     M = a.shape[-2]
-    if M >= MIN_ROWS:
-        return a @ b
-    padded = F.pad(a, (0, 0, 0, MIN_ROWS - M))
-    return (padded @ b)[..., :M, :]
+    return (pad_rows(a) @ b)[..., :M, :]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for x [..., K], weight [N, K], each row's result independent of how many rows come with it."""
     *lead, k = x.shape
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    out = F.linear(x2, weight) if m >= MIN_ROWS else F.linear(F.pad(x2, (0, 0, 0, MIN_ROWS - m)), weight)[:m]
+    out = F.linear(pad_rows(x2), weight)[: x2.shape[0]]
     return out.reshape(*lead, weight.shape[0])
 
 

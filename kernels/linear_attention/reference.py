@@ -18,10 +18,9 @@ evaluates its own row of the same formula against (S_c, the chunk's keys and val
 into S when it fills. Masked terms are exact zeros, so a partial chunk rounds like a full one.
 
 Why that is bitwise: each GEMM row's result depends only on that row and the other operand. The CPU GEMM
-(MKL) gives every row the same bits whatever the number of rows M, except on its small-M paths
-(M ∈ {1, 2, 3, 5, 7, 9} differ, measured on Intel and AMD): :func:`kernels.batch_invariant.reference.rows_matmul`
-pads a GEMM of fewer than 16 rows to 16, so a decode row (M = 1) goes through the same path as the C rows of a
-chunk. The state fold is one fixed-shape GEMM ([D, C] @ [C, D]) wherever it happens.
+(MKL) gives every row the same bits whatever the number of rows M, provided M is a multiple of 4 (its small-M
+paths round differently; see ``kernels.batch_invariant``): :func:`kernels.batch_invariant.reference.rows_matmul`
+pads the rows to a multiple of 4, so a decode row (M = 1) goes through the same path as the C rows of a chunk. The state fold is one fixed-shape GEMM ([D, C] @ [C, D]) wherever it happens.
 
 The decode state is ``ChunkState``: S at the current chunk's start, and the keys/values of the chunk so far
 (zero beyond its fill, ``start % C``). Decode costs O(D² + C·D) per token and the state O(H·D² + C·H·D),
@@ -42,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul
+from kernels.batch_invariant.reference import rows_matmul
 
 
 class ChunkState(NamedTuple):
@@ -257,15 +256,14 @@ def _decode_step(q_BTHD, k_BTHD, v_BTHD, log_decay_H, scale, state: ChunkState, 
         keys[rows, :, fill_B] = k_BTHD[:, 0].to(keys.dtype)
         values[rows, :, fill_B] = v_BTHD[:, 0].to(values.dtype)
     # The training expression for this one row: the elementwise factors (decay, mask, scale) touch only the
-    # live row, and each GEMM takes it padded to the row minimum (what rows_matmul would do, once per GEMM).
-    pad = lambda x_BH1N: torch.nn.functional.pad(x_BH1N, (0, 0, 0, MIN_ROWS - 1))
+    # live row, and each GEMM takes it through rows_matmul's padding.
     q = q_BTHD[:, 0, :, None, :].float()  # [B, H, 1, D]
     kf, vf = keys.float(), values.float()
     S = state.state_BHDD.float()
     decay_q = dec.q_HC.t()[fill_B][:, :, None, None]  # [B, H, 1, 1]
-    inter = (pad(q * decay_q) @ S)[:, :, :1]
-    scores = (pad(q) @ kf.transpose(-1, -2))[:, :, :1] * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
-    o = (inter + (pad(scores) @ vf)[:, :, :1]) * scale
+    inter = rows_matmul(q * decay_q, S)
+    scores = rows_matmul(q, kf.transpose(-1, -2)) * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
+    o = (inter + rows_matmul(scores, vf)) * scale
     # a full chunk is folded with the same fixed-shape GEMM and the same update as in _chunk_states
     folds = (real_B & (fill_B == C - 1))[:, None, None, None]
     if bool(folds.any()):

@@ -13,7 +13,7 @@ and visited in order from block 0. For a query row with scores s_j = scale · q�
     o   = (Σ_blocks P_b [V_b | 1]) → acc / l                  one GEMM per block, blocks added in order
 
 so each term is a function of that row and of the keys alone: the max is exact, the exponentials elementwise,
-and each block's product a GEMM row (rows of fewer than 16 are padded, as everywhere: see
+and each block's product a GEMM row (rows padded to a multiple of 4, as everywhere: see
 ``kernels.batch_invariant``), with the row sum l taken by the same GEMM through a ones column. Blocks a query
 cannot see contribute exact zeros, so a prefill row, the same row in a longer batch, and a decode step over a
 cache of any capacity round identically. It costs one extra QKᵀ pass over an online softmax (the max comes
@@ -32,10 +32,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.batch_invariant.reference import MIN_ROWS, rows_matmul
+from kernels.batch_invariant.reference import pad_rows
 
 KEY_BLOCK = 128
 QUERY_TILE = 64
+# The row sum l is column 0 of P @ ones; a single column would take the library's GEMV path, which rounds
+# differently from its GEMM (measured), so the ones matrix has a few.
+ONES_COLUMNS = 4
+# Tiles of at most this many rows (decode steps) run all their key blocks as one batched GEMM.
+SMALL_TILE = 16
 
 
 def _expand_kv(x_BTGD: torch.Tensor, heads: int) -> torch.Tensor:
@@ -78,7 +83,7 @@ def block_attention(
     visible = int(q_pos_BT.max()) + 1 if q_pos_BT.numel() else 1
     span = -(-visible // KEY_BLOCK) * KEY_BLOCK
     keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
-    ones = keys.new_ones(KEY_BLOCK, MIN_ROWS)
+    ones = keys.new_ones(KEY_BLOCK, ONES_COLUMNS)
     o_BTGRD = q_BTHD.new_empty(B, Tq, G, R, D)
     lse_BGRT = keys.new_empty(B, G, R, Tq)
     for t0 in range(0, Tq, QUERY_TILE):
@@ -97,33 +102,34 @@ def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
     lo, hi = int(pos_BM.min()), int(pos_BM.max())
     blocks = hi // KEY_BLOCK + 1
     M = q_BGMD.shape[2]
-    if M < MIN_ROWS:  # a decode tile: pad once here rather than in each GEMM (as rows_matmul would)
-        q_BGMD = F.pad(q_BGMD, (0, 0, 0, MIN_ROWS - M))
-        pos_BM = F.pad(pos_BM, (0, MIN_ROWS - M), value=hi)
-    s = rows_matmul(q_BGMD, keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2))
+    # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
+    q_BGMD = pad_rows(q_BGMD)
+    Mp = q_BGMD.shape[2]
+    pos_BM = F.pad(pos_BM, (0, Mp - M), value=hi)
+    s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
     key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
     s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
     m = s.amax(-1)
     p = s.sub_(m[..., None]).exp_()
-    if M < MIN_ROWS:
-        # a decode tile: every block's products in one batched GEMM each (the same [16, KB] @ [KB, ·] products
+    if Mp <= SMALL_TILE:
+        # a decode tile: every block's products in one batched GEMM each (the same [Mp, KB] @ [KB, ·] products
         # as below, fewer calls), then added in block order
         B, G = p.shape[:2]
-        p_blocks = p.view(B, G, MIN_ROWS, blocks, KEY_BLOCK).transpose(2, 3)
+        p_blocks = p.view(B, G, Mp, blocks, KEY_BLOCK).transpose(2, 3)
         v_blocks = values_BGLD[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
         parts, part_totals = p_blocks @ v_blocks, p_blocks @ ones
         acc, total = parts[:, :, 0], part_totals[:, :, 0, :, :1]
         for b in range(1, blocks):
             acc, total = acc + parts[:, :, b], total + part_totals[:, :, b, :, :1]
-        return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
-    acc = total = None
-    for b in range(blocks):
-        keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
-        part, part_total = rows_matmul(p[..., keys], values_BGLD[:, :, keys]), rows_matmul(p[..., keys], ones)
-        acc = part if acc is None else acc + part
-        total = part_total[..., :1] if total is None else total + part_total[..., :1]
-    return acc, total, m
+    else:
+        acc = total = None
+        for b in range(blocks):
+            keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+            part, part_total = p[..., keys] @ values_BGLD[:, :, keys], p[..., keys] @ ones
+            acc = part if acc is None else acc + part
+            total = part_total[..., :1] if total is None else total + part_total[..., :1]
+    return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
 
 
 class BlockAttention(torch.autograd.Function):
