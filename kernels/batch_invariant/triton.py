@@ -41,7 +41,7 @@ import triton.language as tl
 from kernels._buffers import empty as _empty
 from kernels._checks import check_float
 
-# (BM, BN, BK, num_warps): part of the numerics, like the reference's 16-row minimum; never derived from M.
+# (BM, BN, BK, num_warps): part of the numerics, like the reference's row multiple; never derived from M.
 _FP32_TILES = (64, 64, 32, 4)
 _HALF_TILES = (64, 128, 64, 4)
 
