@@ -50,9 +50,24 @@ def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for x [..., K], weight [N, K], each row's result independent of how many rows come with it."""
     *lead, k = x.shape
-    x2 = x.reshape(-1, k)
-    out = F.linear(pad_rows(x2), weight)[: x2.shape[0]]
-    return out.reshape(*lead, weight.shape[0])
+    return _PaddedLinear.apply(x.reshape(-1, k), weight).reshape(*lead, weight.shape[0])
+
+
+class _PaddedLinear(torch.autograd.Function):
+    """The forward pads the rows; the backward, which only needs to be deterministic, is autograd's two library
+    GEMMs on the rows as they are (padding there would only add zero rows to allocate and multiply)."""
+
+    @staticmethod
+    def forward(ctx, x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_MK, weight_NK)
+        return F.linear(pad_rows(x_MK), weight_NK)[: x_MK.shape[0]]
+
+    @staticmethod
+    def backward(ctx, grad_MN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x_MK, weight_NK = ctx.saved_tensors
+        grad_x = grad_MN @ weight_NK if ctx.needs_input_grad[0] else None
+        grad_w = (x_MK.t() @ grad_MN).t() if ctx.needs_input_grad[1] else None  # F.linear's own order
+        return grad_x, grad_w
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
