@@ -66,7 +66,7 @@ class _PaddedLinear(torch.autograd.Function):
     def backward(ctx, grad_MN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x_MK, weight_NK = ctx.saved_tensors
         grad_x = grad_MN @ weight_NK if ctx.needs_input_grad[0] else None
-        grad_w = (x_MK.t() @ grad_MN).t() if ctx.needs_input_grad[1] else None  # F.linear's own order
+        grad_w = grad_MN.t() @ x_MK if ctx.needs_input_grad[1] else None
         return grad_x, grad_w
 
 
