@@ -331,14 +331,25 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
         # final − start per seed: the starts differ by engine (a bf16 engine scores the same policy differently)
         gain = [a[-1][1] - a[0][1] for a in acc if a and a[0][0] == 0]
         best = [max(v for _, v in a) for a in acc if a]
+        # a seed whose warm-started policy (line 0) already scores the target took no RL step to reach it: it is
+        # named beside the mean, not averaged in as 0
+        started_there = [a for a in acc if a and a[0][0] == 0 and target is not None and a[0][1] >= target]
         reached = (
-            [next((s for s, v in a if v >= target), None) for a in acc if a] if target is not None else []
+            [
+                next((s for s, v in a if s > 0 and v >= target), None)
+                for a in acc
+                if a and a not in started_there
+            ]
+            if target is not None
+            else []
         )
         hit = [s for s in reached if s is not None]
         to_target = "–"
         if target is not None:
             to_target = f"{sum(hit) / len(hit):.1f}" if hit else "never"
             to_target += f" ({len(hit)}/{len(reached)} seeds)"
+            if started_there:
+                to_target += f"; {len(started_there)} started at or above it"
         walls = [r.wall_s for r in runs if r.wall_s is not None]
         kl = [v for r in runs for _, v in _values(r, "mismatch/kl")]
         dlogp = [v for r in runs for _, v in _values(r, "mismatch/max_abs_dlogp")]
@@ -388,7 +399,8 @@ def report(
         f"each variant's own rollout engine (so a bf16 or FP8 engine scores the same warm-started policy "
         f"differently). Start: line 0, the warm-started policy; final: the last evaluation; gain: final − start, per seed; best: the highest; mean ± sample std over seeds. Steps to target: "
         + (
-            f"first RL step whose held-out accuracy ≥ {target} (mean over the seeds that reach it). "
+            f"first RL step whose held-out accuracy ≥ {target} (mean over the seeds that reach it; seeds whose "
+            f"warm-started policy already scores it are counted beside the mean). "
             if target is not None
             else "none (no run improved on its starting accuracy). "
         )

@@ -131,6 +131,15 @@ def test_report_from_synthetic_runs(ablation, tmp_path):
     assert cells[6] == "12.5 (2/2 seeds)" and cells[7] == "40" and cells[10] == "0.0000"
     tis_row = next(line for line in body.splitlines() if line.startswith("| bf16 + TIS"))
     assert "1.00e-03" in tis_row and "| 0.0010 |" in tis_row
+    # a target below seed 1's start (0.11): seed 0 reaches it at its first RL evaluation (step 5), seed 1 is
+    # named, not averaged in as 0 steps
+    low = ablation.table(
+        ablation.collect(tmp_path, variants, [0, 1]), {v.name: v.label for v in variants}, 0.105
+    )
+    cells = [
+        c.strip() for c in next(x for x in low.splitlines() if x.startswith("| exact")).strip("|").split("|")
+    ]
+    assert cells[6] == "5.0 (1/1 seeds); 1 started at or above it"
 
 
 def test_the_script_runs_as_a_program(tmp_path):
