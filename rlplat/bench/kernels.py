@@ -39,8 +39,8 @@ import kernels
 from kernels.batch_invariant import linear
 from kernels.linear_attention import ChunkState, linear_attention
 from kernels.softmax_attention import softmax_attention
-from kernels.softmax_attention.reference import KEY_BLOCK
 from rlplat.bench.common import PATHS, CorrectnessError, csv_ints, csv_names, run_reported, write_result
+from rlplat.models.cache import LayerCache
 
 OPS = ("gemm", "linear_attention", "softmax_attention")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -337,11 +337,10 @@ def _decode_fn(
         state = ChunkState(S, *(torch.where(fill, rand(b, H, C, D), 0).to(dtype) for _ in range(2)))
         start, one = torch.full((b,), L, device=dev), torch.ones(b, dtype=torch.long, device=dev)
         return lambda: linear_attention(q, k, v, decay, D**-0.5, state if invariant else S, start, one)
-    # the KV cache as rlplat keeps it: fp32 [B, G, capacity, D], viewed [B, capacity, G, D], the capacity in
-    # whole key blocks (the least the engine's cache would hold here; a cache of another capacity would make
-    # the invariant path copy it to whole blocks at every step)
-    capacity = -(-(L + 1) // KEY_BLOCK) * KEY_BLOCK
-    cache_k, cache_v = (rand(b, G, capacity, D).transpose(1, 2) for _ in range(2))
+    # the engine's own KV cache holding L + 1 tokens (its layout and its capacity in whole key blocks, which the
+    # invariant path reads in place)
+    positions = torch.arange(L + 1, device=dev).expand(b, -1)
+    cache_k, cache_v = LayerCache().append_kv(rand(b, L + 1, G, D), rand(b, L + 1, G, D), positions)
     pos = torch.full((b, 1), L, device=dev)
     return lambda: softmax_attention(q, cache_k, cache_v, pos, D**-0.5)
 
