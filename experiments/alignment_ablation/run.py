@@ -333,23 +333,20 @@ def table(results: dict[str, list[SeedRun]], labels: dict[str, str], target: flo
         best = [max(v for _, v in a) for a in acc if a]
         # a seed whose warm-started policy (line 0) already scores the target took no RL step to reach it: it is
         # named beside the mean, not averaged in as 0
-        started_there = [a for a in acc if a and a[0][0] == 0 and target is not None and a[0][1] >= target]
-        reached = (
-            [
-                next((s for s, v in a if s > 0 and v >= target), None)
-                for a in acc
-                if a and a not in started_there
-            ]
-            if target is not None
-            else []
-        )
+        seeds = [a for a in acc if a] if target is not None else []
+        starts_there = [a[0][0] == 0 and a[0][1] >= target for a in seeds]
+        reached = [
+            next((s for s, v in a if s > 0 and v >= target), None)
+            for a, there in zip(seeds, starts_there)
+            if not there
+        ]
         hit = [s for s in reached if s is not None]
         to_target = "–"
         if target is not None:
             to_target = f"{sum(hit) / len(hit):.1f}" if hit else "never"
             to_target += f" ({len(hit)}/{len(reached)} seeds)"
-            if started_there:
-                to_target += f"; {len(started_there)} started at or above it"
+            if any(starts_there):
+                to_target += f"; {sum(starts_there)} started at or above it"
         walls = [r.wall_s for r in runs if r.wall_s is not None]
         kl = [v for r in runs for _, v in _values(r, "mismatch/kl")]
         dlogp = [v for r in runs for _, v in _values(r, "mismatch/max_abs_dlogp")]

@@ -54,8 +54,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class _PaddedLinear(torch.autograd.Function):
-    """The forward pads the rows; the backward, which only needs to be deterministic, is autograd's two library
-    GEMMs on the rows as they are (padding there would only add zero rows to allocate and multiply)."""
+    """The forward pads the rows; the backward, which only needs to be deterministic, is two library GEMMs on the
+    rows as they are (padding there would only add zero rows to allocate and multiply)."""
 
     @staticmethod
     def forward(ctx, x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ into S when it fills. Masked terms are exact zeros, so a partial chunk rounds li
 Why that is bitwise: each GEMM row's result depends only on that row and the other operand. The CPU GEMM
 (MKL) gives every row the same bits whatever the number of rows M, provided M is a multiple of 4 (its small-M
 paths round differently; see ``kernels.batch_invariant``): :func:`kernels.batch_invariant.reference.rows_matmul`
-pads the rows to a multiple of 4, so a decode row (M = 1) goes through the same path as the C rows of a chunk. The state fold is one fixed-shape GEMM ([D, C] @ [C, D]) wherever it happens.
+pads the rows to a multiple of 4, so a decode row (M = 1) goes through the same path as the C rows of a chunk.
+The state fold is one fixed-shape GEMM ([D, C] @ [C, D]) wherever it happens.
 
 The decode state is ``ChunkState``: S at the current chunk's start, and the keys/values of the chunk so far
 (zero beyond its fill, ``start % C``). Decode costs O(D² + C·D) per token and the state O(H·D² + C·H·D),

@@ -105,7 +105,8 @@ def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
     # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
     q_BGMD = pad_rows(q_BGMD)
     Mp = q_BGMD.shape[2]
-    pos_BM = F.pad(pos_BM, (0, Mp - M), value=hi)
+    if Mp > M:
+        pos_BM = F.pad(pos_BM, (0, Mp - M), value=hi)
     s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
     key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
