@@ -1,6 +1,6 @@
 """Batch-invariant primitives: GEMMs whose rows do not depend on their batch, order-fixed reductions, exp-based gates.
 
-Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's):
+Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's and oneDNN's):
 - A CPU GEMM gives each output row the same bits however many rows share the call, *provided the number of
   rows M is a multiple of 4*. Swept on an AMD EPYC Zen 4 (AVX-512, K from 80 to 2048, N from 96 to 8192):
   fp32 rows differ from the same rows inside a larger call for M in {1, 2, 3} on one thread, {1, 2, 3, 5, 6, 7,
@@ -14,6 +14,13 @@ Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's):
   single row goes through the same path as a prefill's many.
   That costs at most three rows at training sizes, and a 4-row GEMM for a decode GEMV (measured with
   ``rlplat bench kernels --phases decode``). An earlier 16-row minimum was not enough beyond 8 threads.
+- fp32 on x86 runs on oneDNN's inner product (:func:`library_gemm`) rather than MKL's sgemm. MKL's 4-row GEMM
+  takes 2.4× its GEMV's time at 2048 → 6144 (7.2 vs 3.0 ms on 2 Zen 4 cores), which made a single-sequence
+  decode step pay for exactness; oneDNN's takes 2.1 ms, and its 2048-row call is 12% faster than MKL's. Its rows
+  agree with a 2048-row call at every multiple of 4 up to 2044, on 1 to 16 threads and across them, for K from 80
+  to 2048 and N from 96 to 6144, at any row offset, with its AVX-512 kernel and with its AVX2 kernel (forced with
+  ``ONEDNN_MAX_CPU_ISA=AVX2``, as on an AVX2-only CPU); M = 1 goes to another kernel and differs (padded away).
+  bf16 ``F.linear`` already is oneDNN on CPUs with bf16 instructions.
   ``tests/kernels/test_invariant_gemm.py`` re-checks the property on the machine it runs on, on 1, 2 and 16
   threads, and names the M if a library rounds a multiple of 4 differently.
 - ``torch.sigmoid``, ``F.silu`` and ``torch.rsqrt`` round differently on the scalar tail of a vectorised loop
@@ -47,6 +54,25 @@ def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (pad_rows(a) @ b)[..., :M, :]
 
 
+def _uses_onednn(x: torch.Tensor) -> bool:
+    """fp32 on an x86 CPU: the GEMMs swept on (see the module docstring). bf16 ``F.linear`` is oneDNN already
+    where the CPU has bf16 instructions; elsewhere it is torch's own kernel, which the sweep did not cover."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    )
+
+
+def library_gemm(x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` for M a multiple of ``ROW_MULTIPLE``, on the library GEMM the module docstring measured."""
+    if _uses_onednn(x_MK):
+        # oneDNN's inner product (the op Inductor's CPU backend calls): no bias, no fused activation
+        return torch.ops.mkldnn._linear_pointwise(x_MK, weight_NK.contiguous(), None, "none", [], "")
+    return F.linear(x_MK, weight_NK)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for x [..., K], weight [N, K], each row's result independent of how many rows come with it."""
     *lead, k = x.shape
@@ -60,7 +86,7 @@ class _PaddedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x_MK, weight_NK)
-        return F.linear(pad_rows(x_MK), weight_NK)[: x_MK.shape[0]]
+        return library_gemm(pad_rows(x_MK), weight_NK)[: x_MK.shape[0]]
 
     @staticmethod
     def backward(ctx, grad_MN: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:

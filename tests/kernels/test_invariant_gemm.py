@@ -1,17 +1,18 @@
 """The property the invariant GEMMs rest on, re-checked on the machine the tests run on.
 
-A CPU BLAS gives each output row the same bits whatever the number of rows M, provided M is a multiple of 4:
+A CPU GEMM gives each output row the same bits whatever the number of rows M, provided M is a multiple of 4:
 with torch 2.13's MKL, rows of other M differ where the library splits them among threads into pieces of fewer
 than four (M in {1, 2, 3} on one thread, {1, 2, 3, 5, 6, 7, 9, 10, 11} on two, 17–19 and 25–27 as well on
-sixteen). ``kernels.batch_invariant.ROW_MULTIPLE`` (4) pads every GEMM to a multiple of it: if a machine's
-library rounds a multiple of 4 differently, or differently on another thread count, these tests name the M.
+sixteen); oneDNN's inner product (the fp32 invariant GEMM on x86) runs M = 1 on another kernel.
+``kernels.batch_invariant.ROW_MULTIPLE`` (4) pads every GEMM to a multiple of it: if a machine's library rounds
+a multiple of 4 differently, or differently on another thread count, these tests name the M.
 Sixteen threads on a two-core machine oversubscribe it, which changes the timing, not the library's split.
 """
 
 import pytest
 import torch
 
-from kernels.batch_invariant.reference import ROW_MULTIPLE, linear, rows_matmul
+from kernels.batch_invariant.reference import ROW_MULTIPLE, library_gemm, linear, rows_matmul
 
 # (K, N): the tiny model's projections, a head dim against a key block, and a wide-K down projection
 SHAPES = [(80, 96), (128, 128), (2048, 256)]
@@ -35,9 +36,9 @@ def test_library_gemm_rows_agree_at_multiples_of_4(threads, dtype, shape):
     x = torch.randn(ROWS, K, generator=gen).to(dtype)
     xb = torch.randn(2, 4, ROWS, K, generator=gen).to(dtype)
     wb = torch.randn(2, 4, K, N, generator=gen).to(dtype)
-    full, full_b = torch.nn.functional.linear(x, w), xb @ wb
+    full, full_b = library_gemm(x, w), xb @ wb
     ms = range(ROW_MULTIPLE, ROWS, ROW_MULTIPLE)
-    differs = [m for m in ms if not torch.equal(torch.nn.functional.linear(x[:m], w), full[:m])]
+    differs = [m for m in ms if not torch.equal(library_gemm(x[:m], w), full[:m])]
     differs_b = [m for m in ms if not torch.equal(xb[:, :, :m] @ wb, full_b[:, :, :m])]
     assert not differs, f"this CPU's GEMM rounds rows differently at M = {differs}: change ROW_MULTIPLE"
     assert not differs_b, (
