@@ -16,7 +16,8 @@ Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's and
   ``rlplat bench kernels --phases decode``). An earlier 16-row minimum was not enough beyond 8 threads.
 - fp32 on x86 runs on oneDNN's inner product (:func:`library_gemm`) rather than MKL's sgemm. MKL's 4-row GEMM
   takes 2.4× its GEMV's time at 2048 → 6144 (7.2 vs 3.0 ms on 2 Zen 4 cores), which made a single-sequence
-  decode step pay for exactness; oneDNN's takes 2.1 ms, and its 2048-row call is 12% faster than MKL's. Its rows
+  decode step pay for exactness; oneDNN's takes 2.1 ms, and its 2048-row call is 12% faster than MKL's (below
+  ``ONEDNN_MIN_WEIGHT`` weight elements MKL stays: oneDNN's fixed cost per call outweighs its gain). Its rows
   agree with a 2048-row call at every multiple of 4 up to 2044, on 1 to 16 threads and across them, for K from 80
   to 2048 and N from 96 to 6144, at any row offset, with its AVX-512 kernel and with its AVX2 kernel (forced with
   ``ONEDNN_MAX_CPU_ISA=AVX2``, as on an AVX2-only CPU); M = 1 goes to another kernel and differs (padded away).
@@ -54,11 +55,18 @@ def rows_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (pad_rows(a) @ b)[..., :M, :]
 
 
-def _uses_onednn(x: torch.Tensor) -> bool:
-    """fp32 on an x86 CPU: the GEMMs swept on (see the module docstring). bf16 ``F.linear`` is oneDNN already
-    where the CPU has bf16 instructions; elsewhere it is torch's own kernel, which the sweep did not cover."""
+# oneDNN's call costs ~10 µs more than MKL's; below this many weight elements (measured crossover at 4 and 256
+# rows, 2 Zen 4 cores) MKL is the faster one. The choice depends on the weight's shape, never on M.
+ONEDNN_MIN_WEIGHT = 1 << 17
+
+
+def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 on an x86 CPU with a weight large enough: the GEMMs swept on (see the module docstring). bf16
+    ``F.linear`` is oneDNN already where the CPU has bf16 instructions; elsewhere it is torch's own kernel,
+    which the sweep did not cover."""
     return (
         x.dtype == torch.float32
+        and weight.numel() >= ONEDNN_MIN_WEIGHT
         and x.device.type == "cpu"
         and torch.backends.mkldnn.is_available()
         and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
@@ -67,7 +75,7 @@ def _uses_onednn(x: torch.Tensor) -> bool:
 
 def library_gemm(x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` for M a multiple of ``ROW_MULTIPLE``, on the library GEMM the module docstring measured."""
-    if _uses_onednn(x_MK):
+    if _uses_onednn(x_MK, weight_NK):
         # oneDNN's inner product (the op Inductor's CPU backend calls): no bias, no fused activation
         return torch.ops.mkldnn._linear_pointwise(x_MK, weight_NK.contiguous(), None, "none", [], "")
     return F.linear(x_MK, weight_NK)

@@ -14,7 +14,8 @@ import torch
 
 from kernels.batch_invariant.reference import ROW_MULTIPLE, library_gemm, linear, rows_matmul
 
-# (K, N): the tiny model's projections, a head dim against a key block, and a wide-K down projection
+# (K, N): the tiny model's projections, a head dim against a key block (both MKL in fp32), and a wide-K down
+# projection (oneDNN in fp32 on x86: at least ONEDNN_MIN_WEIGHT elements)
 SHAPES = [(80, 96), (128, 128), (2048, 256)]
 ROWS = 48  # the "large" call every smaller one is compared with
 
