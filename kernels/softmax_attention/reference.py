@@ -165,6 +165,7 @@ class BlockAttention(torch.autograd.Function):
             # the R query heads of a kv head each hold a share of its gradient
             dk[:, :, g] = dk_g.float().sum(1).to(k.dtype)
             dv[:, :, g] = dv_g.float().sum(1).to(v.dtype)
+            del dq_g, dk_g, dv_g  # before the next group's are allocated
         return dq, dk, dv, None, None
 
 
