@@ -329,7 +329,7 @@ class NativeEngine:
         """Choose each sequence's next token from its own row, then score it with the trainer's LM-head op."""
         w = self.model.lm_head.weight
         logits_BV = lm_head_logits(h_BC, w)
-        tokens = [self._choose(s, logits_BV[i].clone()) for i, s in enumerate(seqs)]
+        tokens = self._choose(seqs, logits_BV)
         tokens_B = torch.tensor(tokens, device=h_BC.device)
         logp_B = torch.empty(len(seqs), dtype=torch.float32, device=h_BC.device)
         for temperature in sorted({s.request.sampling.logprob_temperature for s in seqs}):
@@ -346,12 +346,33 @@ class NativeEngine:
             self._check_finished(s)
         self._stats["tokens"] += len(seqs)
 
-    def _choose(self, s: _Sequence, logits_V: torch.Tensor) -> int:
-        sp = s.request.sampling
-        if sp.greedy:
-            return int(torch.argmax(logits_V))
-        u = _uniform(s.request.seed, s.request.prompt_index, s.sample_index, len(s.tokens))
-        return sample_token(logits_V / sp.temperature, u, sp.top_k, sp.top_p)
+    def _choose(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> list[int]:
+        """Each sequence's next token from its own row. Greedy rows, and rows sampling the whole vocabulary at
+        one temperature, go through together (``sample_tokens``: per row the same operations as
+        ``sample_token``, so the same token); top-k / top-p rows one by one."""
+        tokens: list[int | None] = [None] * len(seqs)
+        groups: dict[float | None, list[int]] = {}  # None: greedy
+        for i, s in enumerate(seqs):
+            sp = s.request.sampling
+            if sp.greedy or (sp.top_k is None and sp.top_p >= 1.0):
+                groups.setdefault(None if sp.greedy else sp.temperature, []).append(i)
+            else:
+                u = _uniform(s.request.seed, s.request.prompt_index, s.sample_index, len(s.tokens))
+                tokens[i] = sample_token(logits_BV[i] / sp.temperature, u, sp.top_k, sp.top_p)
+        for temperature, rows in groups.items():
+            index = torch.tensor(rows, device=logits_BV.device)
+            if temperature is None:
+                chosen = logits_BV[index].argmax(-1).tolist()
+            else:
+                u_B = torch.tensor(
+                    [_uniform(seqs[i].request.seed, seqs[i].request.prompt_index, seqs[i].sample_index,
+                              len(seqs[i].tokens)) for i in rows],
+                    dtype=torch.float64, device=logits_BV.device,
+                )  # fmt: skip
+                chosen = sample_tokens(logits_BV[index] / temperature, u_B)
+            for i, token in zip(rows, chosen):
+                tokens[i] = token
+        return tokens  # type: ignore[return-value]
 
     def _check_finished(self, s: _Sequence) -> None:
         sp = s.request.sampling
@@ -497,6 +518,18 @@ def sample_token(z_V: torch.Tensor, u: float, top_k: int | None = None, top_p: f
     j = int(torch.searchsorted(cdf_V, (u * cdf_V[-1]).reshape(1), right=True))
     j = min(j, int((p_V > 0).nonzero()[-1]))
     return int(order_V[j]) if order_V is not None else j
+
+
+def sample_tokens(z_BV: torch.Tensor, u_B: torch.Tensor) -> list[int]:
+    """``sample_token`` over the whole vocabulary for every row at once (u_B float64): the row max is exact and
+    exp, cumsum along a row and searchsorted give a row the same bits alone or in a batch, so row b gets
+    ``sample_token(z_BV[b], u_B[b])``."""
+    p_BV = torch.exp((z_BV - z_BV.amax(-1, keepdim=True)).double())
+    cdf_BV = torch.cumsum(p_BV, -1)
+    j_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True)[:, 0]
+    # never past the last token with nonzero probability (u·total can round up to the total)
+    last_B = p_BV.shape[-1] - 1 - (p_BV.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(j_B, last_B).tolist()
 
 
 def _uniform(seed: int, prompt_index: int, sample_index: int, step: int) -> float:

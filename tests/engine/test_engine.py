@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlplat.engine import NativeEngine, RolloutBackend, SamplingParams, make_backend, sample_token
+from rlplat.engine.engine import sample_tokens
 
 A = [5, 17, 300, 42, 9]
 OTHERS = [[7] * 12, [400], [33, 8, 260, 91, 3, 77, 2]]
@@ -202,6 +203,23 @@ def test_sample_token():
         torch.tensor([sample_token(z, (u + 0.5) / 2000) for u in range(2000)]), minlength=5
     )
     assert torch.allclose(counts.double() / 2000, p, atol=1e-3)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_batched_sampling_draws_each_rows_own_token(temperature):
+    """The engine draws full-vocabulary rows together; each must get the token ``sample_token`` gives it alone,
+    including rows with masked (-inf) logits, ties, a near-one-hot row, and u at the edges of [0, 1)."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 1000, generator=gen) * 4
+    z[1, 500:] = float("-inf")
+    z[2] = 0.0
+    z[3, 7] = 80.0
+    z = z / temperature
+    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 0.999999])
+    got = sample_tokens(z, u)
+    assert got == [sample_token(z[b], float(u[b])) for b in range(64)]
+    assert got[1] < 500 and got[3] == 7
 
 
 def test_backend_interface_and_factory(engine, policy_fp32, char_tokenizer, tmp_path):
