@@ -35,6 +35,8 @@ Why these exist (measured with torch 2.13's CPU build, whose GEMMs are MKL's and
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +70,16 @@ def _uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.dtype == torch.float32
         and weight.numel() >= ONEDNN_MIN_WEIGHT
         and x.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+        and _x86_with_onednn()
     )
+
+
+@functools.cache
+def _x86_with_onednn() -> bool:
+    """oneDNN is built in and ATen runs x86 vector code (``ATEN_CPU_CAPABILITY`` can lower it): fixed for the
+    life of the process, so asked once."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.backends.mkldnn.is_available() and capability in ("AVX2", "AVX512")
 
 
 def library_gemm(x_MK: torch.Tensor, weight_NK: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ and the engine scores each sampled token with the same fused LM-head kernel at t
 
 Why the sampled tokens do not depend on the batch either: a sequence's token at step s is drawn from its own
 row's logits with a uniform number that is a hash of (seed, prompt index, sample index, s), a counter-based
-generator with no state shared between sequences. Top-k / top-p / inverse-CDF work on that row alone.
+generator with no state shared between sequences. Top-k / top-p rows are drawn one by one; greedy rows and,
+on the CPU, rows sampling the whole vocabulary are drawn together with row-wise operations only (an argmax,
+or exp, a cumsum along the row and a search), which give a row the same bits alone or in a batch.
 """
 
 from __future__ import annotations
@@ -347,32 +349,32 @@ class NativeEngine:
         self._stats["tokens"] += len(seqs)
 
     def _choose(self, seqs: list[_Sequence], logits_BV: torch.Tensor) -> list[int]:
-        """Each sequence's next token from its own row. Greedy rows, and rows sampling the whole vocabulary at
-        one temperature, go through together (``sample_tokens``: per row the same operations as
-        ``sample_token``, so the same token); top-k / top-p rows one by one."""
-        tokens: list[int | None] = [None] * len(seqs)
+        """Each sequence's next token from its own row. Greedy rows, and on the CPU rows sampling the whole
+        vocabulary at one temperature, go through together (``sample_tokens``: per row the operations of
+        ``sample_token``, so the same token); the rest one by one. On a GPU a cumsum over several rows sums
+        in another order than over one, so there every sampled row goes alone."""
+        chosen: dict[int, int] = {}
         groups: dict[float | None, list[int]] = {}  # None: greedy
+        batched = logits_BV.device.type == "cpu"
         for i, s in enumerate(seqs):
             sp = s.request.sampling
-            if sp.greedy or (sp.top_k is None and sp.top_p >= 1.0):
+            if sp.greedy or (batched and sp.top_k is None and sp.top_p >= 1.0):
                 groups.setdefault(None if sp.greedy else sp.temperature, []).append(i)
             else:
-                u = _uniform(s.request.seed, s.request.prompt_index, s.sample_index, len(s.tokens))
-                tokens[i] = sample_token(logits_BV[i] / sp.temperature, u, sp.top_k, sp.top_p)
+                chosen[i] = sample_token(logits_BV[i] / sp.temperature, _draw(s), sp.top_k, sp.top_p)
         for temperature, rows in groups.items():
-            index = torch.tensor(rows, device=logits_BV.device)
+            logits = (
+                logits_BV
+                if len(rows) == len(seqs)
+                else logits_BV[torch.tensor(rows, device=logits_BV.device)]
+            )
             if temperature is None:
-                chosen = logits_BV[index].argmax(-1).tolist()
+                tokens = logits.argmax(-1).tolist()
             else:
-                u_B = torch.tensor(
-                    [_uniform(seqs[i].request.seed, seqs[i].request.prompt_index, seqs[i].sample_index,
-                              len(seqs[i].tokens)) for i in rows],
-                    dtype=torch.float64, device=logits_BV.device,
-                )  # fmt: skip
-                chosen = sample_tokens(logits_BV[index] / temperature, u_B)
-            for i, token in zip(rows, chosen):
-                tokens[i] = token
-        return tokens  # type: ignore[return-value]
+                u_B = torch.tensor([_draw(seqs[i]) for i in rows], dtype=torch.float64)
+                tokens = sample_tokens(logits / temperature, u_B)
+            chosen.update(zip(rows, tokens))
+        return [chosen[i] for i in range(len(seqs))]
 
     def _check_finished(self, s: _Sequence) -> None:
         sp = s.request.sampling
@@ -525,11 +527,20 @@ def sample_tokens(z_BV: torch.Tensor, u_B: torch.Tensor) -> list[int]:
     exp, cumsum along a row and searchsorted give a row the same bits alone or in a batch, so row b gets
     ``sample_token(z_BV[b], u_B[b])``."""
     p_BV = torch.exp((z_BV - z_BV.amax(-1, keepdim=True)).double())
+    live_BV = p_BV > 0
+    if not bool(live_BV.any(-1).all()):
+        bad = (~live_BV.any(-1)).nonzero()[:, 0].tolist()
+        raise ValueError(f"rows {bad} of the logits have no token with nonzero probability (NaN or all -inf)")
     cdf_BV = torch.cumsum(p_BV, -1)
     j_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True)[:, 0]
     # never past the last token with nonzero probability (u·total can round up to the total)
-    last_B = p_BV.shape[-1] - 1 - (p_BV.flip(-1) > 0).int().argmax(-1)
+    last_B = p_BV.shape[-1] - 1 - live_BV.flip(-1).int().argmax(-1)
     return torch.minimum(j_B, last_B).tolist()
+
+
+def _draw(s: _Sequence) -> float:
+    """The uniform number of sequence ``s``'s next token."""
+    return _uniform(s.request.seed, s.request.prompt_index, s.sample_index, len(s.tokens))
 
 
 def _uniform(seed: int, prompt_index: int, sample_index: int, step: int) -> float:

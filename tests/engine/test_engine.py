@@ -27,8 +27,9 @@ def assert_same_samples(a, b):
         )
 
 
-def test_samples_do_not_depend_on_batch_companions(policy_fp32, monkeypatch):
-    sp = sampled(n=2)
+@pytest.mark.parametrize("top_k", [100, None], ids=["top-k", "whole-vocabulary"])
+def test_samples_do_not_depend_on_batch_companions(policy_fp32, monkeypatch, top_k):
+    sp = sampled(n=2, top_k=top_k)
     (alone,) = NativeEngine(policy_fp32, max_batch_size=8).generate([A], sp, prompt_indices=[3])
 
     calls = []  # (batch size, cached lengths before the call, new tokens) of every forward
@@ -40,7 +41,7 @@ def test_samples_do_not_depend_on_batch_companions(policy_fp32, monkeypatch):
 
     monkeypatch.setattr(policy_fp32, "hidden_states", spy)
     crowd = NativeEngine(policy_fp32, max_batch_size=3)
-    params = [sampled(n=2, max_new_tokens=2), sp, sampled(n=2, max_new_tokens=4), sampled(n=2)]
+    params = [sampled(n=2, max_new_tokens=2, top_k=top_k), sp, sampled(n=2, max_new_tokens=4), sampled(n=2)]
     out = crowd.generate([OTHERS[0], A, OTHERS[1], OTHERS[2]], params, prompt_indices=[0, 3, 1, 2])
     monkeypatch.undo()
 
@@ -205,21 +206,51 @@ def test_sample_token():
     assert torch.allclose(counts.double() / 2000, p, atol=1e-3)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 16])
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
-def test_batched_sampling_draws_each_rows_own_token(temperature):
+def test_batched_sampling_draws_each_rows_own_token(temperature, threads):
     """The engine draws full-vocabulary rows together; each must get the token ``sample_token`` gives it alone,
-    including rows with masked (-inf) logits, ties, a near-one-hot row, and u at the edges of [0, 1)."""
+    including rows with masked (-inf) logits, ties, a near-one-hot row, and u at the edges of [0, 1). An odd
+    vocabulary and batch put rows at every alignment of the vectorised exp and of the threads' split."""
     gen = torch.Generator().manual_seed(0)
-    z = torch.randn(64, 1000, generator=gen) * 4
+    z = torch.randn(37, 1003, generator=gen) * 4
     z[1, 500:] = float("-inf")
     z[2] = 0.0
     z[3, 7] = 80.0
     z = z / temperature
-    u = torch.rand(64, generator=gen, dtype=torch.float64)
+    u = torch.rand(37, generator=gen, dtype=torch.float64)
     u[:4] = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 0.999999])
-    got = sample_tokens(z, u)
-    assert got == [sample_token(z[b], float(u[b])) for b in range(64)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = sample_tokens(z, u)
+    finally:
+        torch.set_num_threads(before)
+    assert got == [sample_token(z[b], float(u[b])) for b in range(37)]
     assert got[1] < 500 and got[3] == 7
+
+
+def test_batched_sampling_refuses_a_row_without_a_token():
+    z = torch.zeros(3, 10)
+    z[1] = float("-inf")
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        sample_tokens(z, torch.full((3,), 0.5, dtype=torch.float64))
+
+
+def test_mixed_sampling_settings_in_one_batch(policy_fp32):
+    """Greedy, two temperatures over the whole vocabulary and a top-p row decoded together: every prompt gets
+    the samples it gets alone, in its own place."""
+    params = [
+        sampled(greedy=True, temperature=0.0, top_k=None),
+        sampled(n=2, top_k=None),
+        sampled(n=2, top_k=None, temperature=1.3),
+        sampled(n=2, top_k=None, top_p=0.9),
+    ]
+    prompts = [OTHERS[0], A, OTHERS[1], OTHERS[2]]
+    together = NativeEngine(policy_fp32, max_batch_size=8).generate(prompts, params)
+    for i, (prompt, sp) in enumerate(zip(prompts, params)):
+        (alone,) = NativeEngine(policy_fp32, max_batch_size=8).generate([prompt], sp, prompt_indices=[i])
+        assert_same_samples(alone, together[i])
 
 
 def test_backend_interface_and_factory(engine, policy_fp32, char_tokenizer, tmp_path):
