@@ -217,9 +217,12 @@ class Router(nn.Module):
 def sum_slots(slots_NkC: torch.Tensor) -> torch.Tensor:
     """A token's k weighted expert outputs [N, k, C] summed slot by slot, in a fixed order, so its output
     never depends on the batch or on where the experts ran."""
-    out = slots_NkC[:, 0]
-    for s in range(1, slots_NkC.shape[1]):
-        out = out + slots_NkC[:, s]
+    # unbind, not k selects: the backward then stacks the k gradients once instead of zero-filling and writing a
+    # whole [N, k, C] tensor per slot
+    first, *rest = slots_NkC.unbind(1)
+    out = first
+    for slot in rest:
+        out = out + slot
     return out
 
 
