@@ -516,9 +516,7 @@ def sample_token(z_V: torch.Tensor, u: float, top_k: int | None = None, top_p: f
         cum_V = torch.cumsum(p_V, 0) / p_V.sum()
         keep = int(torch.searchsorted(cum_V, torch.tensor([top_p], dtype=torch.float64))) + 1
         p_V, order_V = p_V[:keep], order_V[:keep]  # type: ignore[index]
-    cdf_V = torch.cumsum(p_V, 0)
-    j = int(torch.searchsorted(cdf_V, (u * cdf_V[-1]).reshape(1), right=True))
-    j = min(j, int((p_V > 0).nonzero()[-1]))
+    (j,) = _inverse_cdf(p_V[None], torch.tensor([u], dtype=torch.float64))
     return int(order_V[j]) if order_V is not None else j
 
 
@@ -526,13 +524,18 @@ def sample_tokens(z_BV: torch.Tensor, u_B: torch.Tensor) -> list[int]:
     """``sample_token`` over the whole vocabulary for every row at once (u_B float64): the row max is exact and
     exp, cumsum along a row and searchsorted give a row the same bits alone or in a batch, so row b gets
     ``sample_token(z_BV[b], u_B[b])``."""
-    p_BV = torch.exp((z_BV - z_BV.amax(-1, keepdim=True)).double())
+    return _inverse_cdf(torch.exp((z_BV - z_BV.amax(-1, keepdim=True)).double()), u_B)
+
+
+def _inverse_cdf(p_BV: torch.Tensor, u_B: torch.Tensor) -> list[int]:
+    """Per row, the index where u · Σp falls in the running sum of the (unnormalised, float64) weights p."""
     live_BV = p_BV > 0
     if not bool(live_BV.any(-1).all()):
         bad = (~live_BV.any(-1)).nonzero()[:, 0].tolist()
         raise ValueError(f"rows {bad} of the logits have no token with nonzero probability (NaN or all -inf)")
     cdf_BV = torch.cumsum(p_BV, -1)
-    j_B = torch.searchsorted(cdf_BV, (u_B * cdf_BV[:, -1])[:, None], right=True)[:, 0]
+    target_B1 = (u_B.to(p_BV.device) * cdf_BV[:, -1])[:, None]
+    j_B = torch.searchsorted(cdf_BV, target_B1, right=True)[:, 0]
     # never past the last token with nonzero probability (u·total can round up to the total)
     last_B = p_BV.shape[-1] - 1 - live_BV.flip(-1).int().argmax(-1)
     return torch.minimum(j_B, last_B).tolist()
