@@ -48,11 +48,13 @@ def test_library_gemm_rows_agree_at_multiples_of_4(threads, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_padded_rows_agree_at_every_m(threads, dtype):
-    """What the kernels call: every M from 1 on gives the large call's rows, through the padding."""
+@pytest.mark.parametrize("weight", [(96, 128), (512, 256)], ids=["N96-K128", "N512-K256"])
+def test_padded_rows_agree_at_every_m(threads, dtype, weight):
+    """What the kernels call: every M from 1 on gives the large call's rows, through the padding (the second
+    weight has ONEDNN_MIN_WEIGHT elements: oneDNN's path in fp32 on x86)."""
     gen = torch.Generator().manual_seed(0)
-    w = torch.randn(96, 128, generator=gen).to(dtype)
-    x = torch.randn(ROWS, 128, generator=gen).to(dtype)
+    w = torch.randn(*weight, generator=gen).to(dtype)
+    x = torch.randn(ROWS, weight[1], generator=gen).to(dtype)
     wb = torch.randn(3, 128, 64, generator=gen).to(dtype)
     xb = torch.randn(3, ROWS, 128, generator=gen).to(dtype)
     full, full_b = linear(x, w), rows_matmul(xb, wb)
