@@ -374,7 +374,9 @@ class Trainer:
             if probe is not None:
                 sums.fill(probe, [None] * len(probe_rows))
             return {**info, "skipped": 1.0, "tokens": 0.0, "lr": self._lr(), "version": float(self._version)}
-        sums.watch({r: i for i, r in enumerate(probe_rows) if r is not None}, batch.input_ids_BT.shape[1])
+        # one slot per distinct kept row, numbered densely: the probe tensor has one row per slot
+        kept_rows = dict.fromkeys(r for r in probe_rows if r is not None)
+        sums.watch({r: i for i, r in enumerate(kept_rows)}, batch.input_ids_BT.shape[1])
         adv_BT = self._advantages(batch, info)
         local = self.dp.shard(batch.batch_size)
         mask_BT = batch.response_mask_BT[local]

@@ -7,6 +7,7 @@ import torch
 import kernels
 from rlplat.algos.config import AlgoConfig
 from rlplat.train import NonFiniteError, Trainer, TrainerBackend, TrainerConfig, expert_bias_update
+from rlplat.train.trainer import RowProbe
 
 ALGO_METRICS = (
     "clip_frac",
@@ -131,6 +132,21 @@ def test_dynamic_sampling_drops_zero_variance_groups(tiny, make_batch):
     batch.rewards_B = torch.tensor([1.0, 1.0, 0.0, 0.0])
     out = trainer.train_step(batch)
     assert out["skipped"] == 1 and trainer.version == 1
+
+
+def test_probe_reports_kept_rows_when_filters_drop_some(tiny, make_batch, on_policy):
+    # group 1 (rows 2, 3) has zero variance and is dropped; the probed rows around it keep their own tokens
+    # (slots were once numbered over every probed row, dropped ones too, and indexed past the probe tensor)
+    batch = make_batch(B=6, T=10, group_size=2, rewards_B=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0]))
+    trainer = Trainer(tiny, AlgoConfig(dynamic_sampling=True), TrainerConfig())
+    batch = on_policy(trainer, batch)
+    logp = batch.rollout_logp_BT.clone()
+    probe = RowProbe([5, 2, 0, 5])
+    out = trainer.train_step(batch, probe)
+    assert out["dynamic_sampling_dropped"] == 2 and probe.tokens[1] is None
+    for i, row in ((0, 5), (2, 0), (3, 5)):
+        expected = logp[row][batch.response_mask_BT[row]].tolist()
+        assert probe.tokens[i]["train_logp"] == expected and probe.tokens[i]["rollout_logp"] == expected
 
 
 def test_kl_builds_a_frozen_reference(tiny, make_batch):
