@@ -66,9 +66,15 @@ def _kv_rows(x_BTGD: torch.Tensor, span: int) -> torch.Tensor:
 
 
 def block_attention(
-    q_BTHD: torch.Tensor, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, q_pos_BT: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block-aligned forward. Returns (o [B, Tq, H, D] in q's dtype, log-sum-exp fp32 [B, H, Tq]).
+    q_BTHD: torch.Tensor,
+    k_BTGD: torch.Tensor,
+    v_BTGD: torch.Tensor,
+    q_pos_BT: torch.Tensor,
+    scale: float,
+    with_lse: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The block-aligned forward. Returns (o [B, Tq, H, D] in q's dtype, log-sum-exp fp32 [B, H, Tq] or None
+    without ``with_lse``: only training's backward reads it).
 
     Queries go in tiles of ``QUERY_TILE`` positions; a tile's scores against every key it can see are one
     GEMM ([rows, D] @ [D, keys]: a score's bits depend neither on the rows nor on the keys beside it), then
@@ -85,39 +91,42 @@ def block_attention(
     keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
     ones = keys.new_ones(KEY_BLOCK, ONES_COLUMNS)
     o_BTGRD = q_BTHD.new_empty(B, Tq, G, R, D)
-    lse_BGRT = keys.new_empty(B, G, R, Tq)
+    lse_BGRT = keys.new_empty(B, G, R, Tq) if with_lse else None
     for t0 in range(0, Tq, QUERY_TILE):
         t = slice(t0, min(t0 + QUERY_TILE, Tq))
         n = t.stop - t.start
         q = q_BGTRD[:, :, t].reshape(B, G, n * R, D).float() * scale
-        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t].repeat_interleave(R, dim=1))
+        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t], R)
         o_BTGRD[:, t] = (acc / total).view(B, G, n, R, D).transpose(1, 2)
-        lse_BGRT[..., t] = (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3)
-    return o_BTGRD.view(B, Tq, H, D), lse_BGRT.view(B, H, Tq)
+        if lse_BGRT is not None:
+            lse_BGRT[..., t] = (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3)
+    return o_BTGRD.view(B, Tq, H, D), None if lse_BGRT is None else lse_BGRT.view(B, H, Tq)
 
 
-def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM):
+def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R):
     """(Σ_b P_b V_b [B, G, M, D], row sums l [B, G, M, 1], row max m [B, G, M]) for a tile of (pre-scaled)
-    query rows."""
-    lo, hi = int(pos_BM.min()), int(pos_BM.max())
+    query rows: the R heads of each of its n positions ``pos_Bn`` (M = n · R)."""
+    lo, hi = int(pos_Bn.min()), int(pos_Bn.max())
     blocks = hi // KEY_BLOCK + 1
     M = q_BGMD.shape[2]
     # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
     q_BGMD = pad_rows(q_BGMD)
     Mp = q_BGMD.shape[2]
-    if Mp > M:
-        pos_BM = F.pad(pos_BM, (0, Mp - M), value=hi)
     s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
-    key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
-    s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
+    if lo == hi:  # every row at one position (a decode step of one sequence, or of several in step)
+        s[..., lo + 1 :] = float("-inf")
+    else:
+        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, Mp - M), value=hi)
+        key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
+        s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
     m = s.amax(-1)
     p = s.sub_(m[..., None]).exp_()
     if Mp <= SMALL_TILE:
         # a decode tile: every block's products in one batched GEMM each (the same [Mp, KB] @ [KB, ·] products
-        # as below, fewer calls), then added in block order
+        # as below, fewer calls), then added in block order; the block-major copy of p is made once, for both
         B, G = p.shape[:2]
-        p_blocks = p.view(B, G, Mp, blocks, KEY_BLOCK).transpose(2, 3)
+        p_blocks = p.view(B, G, Mp, blocks, KEY_BLOCK).transpose(2, 3).contiguous()
         v_blocks = values_BGLD[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
         parts, part_totals = p_blocks @ v_blocks, p_blocks @ ones
         acc, total = parts[:, :, 0], part_totals[:, :, 0, :, :1]
@@ -175,7 +184,7 @@ def attention_invariant(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_BTHD, k_BTGD, v_BTGD))
     if needs_grad:
         return BlockAttention.apply(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)
-    return block_attention(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale)[0]
+    return block_attention(q_BTHD, k_BTGD, v_BTGD, q_pos_BT, scale, with_lse=False)[0]
 
 
 def attention_plain(
