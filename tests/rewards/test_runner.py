@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import sys
 import textwrap
 import threading
@@ -168,6 +169,43 @@ def test_slow_reward_does_not_hold_up_others():
     )
     out = runner.score([Sample()] * 8)
     assert [o.components["rendezvous"].error for o in out] == [None] * 8  # all 8 ran at once
+
+
+CALLING_THREADS: list[threading.Thread] = []
+
+
+def calling_thread(sample):
+    CALLING_THREADS.append(
+        threading.current_thread()
+    )  # kept alive, so distinct threads stay distinct objects
+    return 1.0
+
+
+def test_reward_threads_are_reused():
+    pool = lambda: sum(t.name == "reward-call" for t in threading.enumerate())
+    before = pool()
+    CALLING_THREADS.clear()
+    runner = RewardRunner(
+        {"terms": [{"name": "tests.rewards.test_runner:calling_thread"}], "max_concurrency": 2}
+    )
+    runner.score([Sample()] * 40)
+    runner.score([Sample()] * 40)
+    # 2 calls at a time; a thread between finishing a call and taking the next may make the runner start one
+    # more (one thread per call would be 80)
+    assert len(CALLING_THREADS) == 80 and len({id(t) for t in CALLING_THREADS}) <= before + 4
+    assert pool() <= before + 4
+    CALLING_THREADS.clear()
+
+
+def test_a_forked_child_starts_its_own_reward_threads():
+    runner = RewardRunner({"terms": [{"name": "test_const", "timeout_s": 5.0}]})
+    runner.score([Sample()] * 4)  # the parent's threads, idle now
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's idle threads do not exist here
+        ok = all(o.errors == {} for o in runner.score([Sample()] * 4))
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_bad_input_is_a_per_sample_error():
