@@ -229,8 +229,8 @@ class Trainer:
         self.precision = precision_of(model)
         self.model = model.train()
         self.device = next(model.parameters()).device
-        self.step = 0
-        self._version = 0
+        self.step = 0  # steps taken, skipped ones included (every group dropped): the lr schedule's clock
+        self._version = 0  # weight updates: the policy version
         self.names = [name for name, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
         for p in self.params:
@@ -370,10 +370,14 @@ class Trainer:
             int(place_B[r]) if keep_B[r] else None for r in (probe.rows if probe is not None else ())
         ]
         if batch is None:
-            # every group was dropped: nothing to learn from, and no rank communicates (all saw the same)
+            # every group was dropped: nothing to learn from, and no rank communicates (all saw the same). The
+            # step still counts (the lr schedule and checkpoint names follow the RL steps); the weights and
+            # their version do not change.
             if probe is not None:
                 sums.fill(probe, [None] * len(probe_rows))
-            return {**info, "skipped": 1.0, "tokens": 0.0, "lr": self._lr(), "version": float(self._version)}
+            lr = self._lr()
+            self.step += 1
+            return {**info, "skipped": 1.0, "tokens": 0.0, "lr": lr, "version": float(self._version)}
         # one slot per distinct kept row, numbered densely: the probe tensor has one row per slot
         kept_rows = dict.fromkeys(r for r in probe_rows if r is not None)
         sums.watch({r: i for i, r in enumerate(kept_rows)}, batch.input_ids_BT.shape[1])
