@@ -256,16 +256,17 @@ def _decode_step(q_BTHD, k_BTHD, v_BTHD, log_decay_H, scale, state: ChunkState, 
     else:
         keys[rows, :, fill_B] = k_BTHD[:, 0].to(keys.dtype)
         values[rows, :, fill_B] = v_BTHD[:, 0].to(values.dtype)
-    # The training expression for this one row, each GEMM on rows_matmul's padding of it (a multiple of 4 rows):
-    # the query is padded once, and the padding rows stay exact zeros through the decay and mask factors, so
-    # every product's A operand is the one rows_matmul would have built.
+    # The training expression for this one row, each GEMM on rows_matmul's padding of it (a multiple of 4 rows),
+    # the query padded once for all three: a GEMM row's bits depend on its own row of A alone, and the live
+    # row of each A operand is the one rows_matmul would have built (what the padding rows hold after the
+    # decay and mask factors, zeros or signed zeros, never reaches it).
     q = pad_rows(q_BTHD[:, 0, :, None, :].float())  # [B, H, 4, D], the live row first
     kf, vf = keys.float(), values.float()
     S = state.state_BHDD.float()
     decay_q = dec.q_HC.t()[fill_B][:, :, None, None]  # [B, H, 1, 1]
     inter = (q * decay_q) @ S
     scores = (q @ kf.transpose(-1, -2)) * dec.mask_HCC.transpose(0, 1)[fill_B][:, :, None, :]
-    o = ((inter + scores @ vf) * scale)[:, :, :1]
+    o = (inter[:, :, :1] + (scores @ vf)[:, :, :1]) * scale  # [B, H, 1, D], its own memory
     # a full chunk is folded with the same fixed-shape GEMM and the same update as in _chunk_states
     folds = (real_B & (fill_B == C - 1))[:, None, None, None]
     if bool(folds.any()):
