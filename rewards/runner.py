@@ -326,7 +326,8 @@ class _Threads:
     its thread, as before (Python cannot stop it); the next call finds no idle thread and starts another, so
     nothing waits behind a stuck call. A thread idle for ``IDLE_EXIT_S`` exits, so none outlives its use long.
     Not ``ThreadPoolExecutor``: its threads are joined at interpreter exit, so one hung reward would hang the
-    process's exit."""
+    process's exit. A reward must not rely on a fresh thread: thread-local state one call sets (a ``decimal``
+    context, a context variable) is seen by later calls on the same thread."""
 
     IDLE_EXIT_S = 1.0
 
@@ -338,19 +339,27 @@ class _Threads:
     def _reset(self) -> None:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._idle = 0  # threads waiting for a job and not yet promised one
+        # threads waiting for a job, less the jobs queued for them; below 0 only after a failed thread start
+        self._idle = 0
 
     def run(self, job: Callable[[], None]) -> None:
         """Run ``job`` (which must not raise) on an idle thread, or a new one when none is idle."""
         with self._lock:
             # the promise and the put are one step, so an idle thread that finds the queue empty under the
             # lock may exit without stranding a job
-            start = self._idle == 0
+            start = self._idle <= 0
             if not start:
                 self._idle -= 1
             self._jobs.put(job)
         if start:
-            threading.Thread(target=self._serve, name="reward-call", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, name="reward-call", daemon=True).start()
+            except BaseException:
+                # the job stays queued with no thread for it: count it, so the next call starts one (its
+                # thread serves this job first) rather than promising it to a thread that does not exist
+                with self._lock:
+                    self._idle -= 1
+                raise
 
     def _serve(self) -> None:
         while True:

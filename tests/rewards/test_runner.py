@@ -190,11 +190,38 @@ def test_reward_threads_are_reused():
     )
     runner.score([Sample()] * 40)
     runner.score([Sample()] * 40)
-    # 2 calls at a time; a thread between finishing a call and taking the next may make the runner start one
-    # more (one thread per call would be 80)
-    assert len(CALLING_THREADS) == 80 and len({id(t) for t in CALLING_THREADS}) <= before + 4
-    assert pool() <= before + 4
+    # 2 calls at a time; a thread between finishing a call and counting itself idle may make the runner start
+    # one more, so the bound is loose (one thread per call would be 80)
+    assert len(CALLING_THREADS) == 80 and len({id(t) for t in CALLING_THREADS}) <= before + 16
+    assert pool() <= before + 16
     CALLING_THREADS.clear()
+
+
+def test_a_failed_thread_start_strands_no_later_call(monkeypatch):
+    from rewards.runner import _Threads
+
+    pool = _Threads()
+    pool.IDLE_EXIT_S = 0.05
+    release, ran = threading.Event(), []
+    pool.run(lambda: release.wait(10))  # its thread is busy: the next call must start a thread
+
+    def refuse(thread):
+        raise RuntimeError("no threads")
+
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refuse)
+        with pytest.raises(RuntimeError, match="no threads"):
+            pool.run(lambda: ran.append("queued when the start failed"))
+    release.set()  # the busy thread serves the stranded call, then exits idle
+    deadline = time.monotonic() + 10
+    while (
+        ran == [] or any(t.name == "reward-call" for t in threading.enumerate())
+    ) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    pool.run(lambda: ran.append("later"))  # no thread is left: this call must start one, not wait for a ghost
+    while len(ran) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran == ["queued when the start failed", "later"]
 
 
 def test_a_forked_child_starts_its_own_reward_threads():
