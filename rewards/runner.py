@@ -3,8 +3,9 @@
 Each sync reward call runs on a daemon thread (reused from call to call, ``_Threads``) and each async one as a
 task on the runner's event loop; both are bounded by ``asyncio.wait_for``. A sync call that times out cannot
 be killed (Python has no thread cancellation): it is abandoned with its thread, counted in
-``abandoned_threads``, and its slot is released so later calls are not starved. Rewards that can hang on hostile input (code execution, heavy sympy) should bound
-themselves — the code sandbox kills its process tree, the math verifier runs under the same abandon rule.
+``abandoned_threads``, and its slot is released so later calls are not starved. Rewards that can hang on
+hostile input (code execution, heavy sympy) should bound themselves — the code sandbox kills its process
+tree, the math verifier runs under the same abandon rule.
 
 Group rewards receive all samples of one group; a group is ``metadata["group_id"]`` when present, else the
 prompt text.
@@ -331,7 +332,8 @@ class _Threads:
 
     IDLE_EXIT_S = 1.0
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "reward-call") -> None:
+        self.name = name  # of its threads
         self._reset()
         # a forked child has none of these threads: it must start its own
         os.register_at_fork(after_in_child=self._reset)
@@ -353,7 +355,7 @@ class _Threads:
             self._jobs.put(job)
         if start:
             try:
-                threading.Thread(target=self._serve, name="reward-call", daemon=True).start()
+                threading.Thread(target=self._serve, name=self.name, daemon=True).start()
             except BaseException:
                 # the job stays queued with no thread for it: count it, so the next call starts one (its
                 # thread serves this job first) rather than promising it to a thread that does not exist

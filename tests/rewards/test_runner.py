@@ -175,9 +175,8 @@ CALLING_THREADS: list[threading.Thread] = []
 
 
 def calling_thread(sample):
-    CALLING_THREADS.append(
-        threading.current_thread()
-    )  # kept alive, so distinct threads stay distinct objects
+    # the list keeps each thread alive, so distinct threads stay distinct objects (their idents are reused)
+    CALLING_THREADS.append(threading.current_thread())
     return 1.0
 
 
@@ -200,7 +199,7 @@ def test_reward_threads_are_reused():
 def test_a_failed_thread_start_strands_no_later_call(monkeypatch):
     from rewards.runner import _Threads
 
-    pool = _Threads()
+    pool = _Threads(name="test-pool")
     pool.IDLE_EXIT_S = 0.05
     release, ran = threading.Event(), []
     pool.run(lambda: release.wait(10))  # its thread is busy: the next call must start a thread
@@ -215,7 +214,7 @@ def test_a_failed_thread_start_strands_no_later_call(monkeypatch):
     release.set()  # the busy thread serves the stranded call, then exits idle
     deadline = time.monotonic() + 10
     while (
-        ran == [] or any(t.name == "reward-call" for t in threading.enumerate())
+        ran == [] or any(t.name == "test-pool" for t in threading.enumerate())
     ) and time.monotonic() < deadline:
         time.sleep(0.01)
     pool.run(lambda: ran.append("later"))  # no thread is left: this call must start one, not wait for a ghost
