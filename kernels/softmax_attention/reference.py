@@ -86,60 +86,100 @@ def block_attention(
     G = k_BTGD.shape[2]
     R = H // G
     q_BGTRD = _query_rows(q_BTHD, G)
-    visible = int(q_pos_BT.max()) + 1 if q_pos_BT.numel() else 1
-    span = -(-visible // KEY_BLOCK) * KEY_BLOCK
+    lo, hi = _position_range(q_pos_BT)
+    span = (hi // KEY_BLOCK + 1) * KEY_BLOCK
     keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
     ones = keys.new_ones(KEY_BLOCK, ONES_COLUMNS)
+    if Tq <= QUERY_TILE:  # one tile (every decode step): no output buffer to fill, positions' range known
+        q = q_BGTRD.reshape(B, G, Tq * R, D).float() * scale
+        acc, total, m = _tile(q, keys, values, ones, q_pos_BT, R, lo, hi)
+        o = (acc / total).view(B, G, Tq, R, D).transpose(1, 2).reshape(B, Tq, H, D).to(q_BTHD.dtype)
+        if not with_lse:
+            return o, None
+        return o, (m + torch.log(total[..., 0])).view(B, G, Tq, R).transpose(2, 3).reshape(B, H, Tq)
     o_BTGRD = q_BTHD.new_empty(B, Tq, G, R, D)
     lse_BGRT = keys.new_empty(B, G, R, Tq) if with_lse else None
     for t0 in range(0, Tq, QUERY_TILE):
         t = slice(t0, min(t0 + QUERY_TILE, Tq))
         n = t.stop - t.start
         q = q_BGTRD[:, :, t].reshape(B, G, n * R, D).float() * scale
-        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t], R)
+        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t], R, *_position_range(q_pos_BT[:, t]))
         o_BTGRD[:, t] = (acc / total).view(B, G, n, R, D).transpose(1, 2)
         if lse_BGRT is not None:
             lse_BGRT[..., t] = (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3)
     return o_BTGRD.view(B, Tq, H, D), None if lse_BGRT is None else lse_BGRT.view(B, H, Tq)
 
 
-def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R):
+def _position_range(pos_Bn: torch.Tensor) -> tuple[int, int]:
+    """(first, last) query position, read with as few host syncs as possible (a decode step has one)."""
+    if pos_Bn.numel() <= 1:
+        p = int(pos_Bn) if pos_Bn.numel() else 0
+        return p, p
+    lo, hi = torch.aminmax(pos_Bn)
+    return int(lo), int(hi)
+
+
+def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
     """(Σ_b P_b V_b [B, G, M, D], row sums l [B, G, M, 1], row max m [B, G, M]) for a tile of (pre-scaled)
-    query rows: the R heads of each of its n positions ``pos_Bn`` (M = n · R)."""
-    lo, hi = int(pos_Bn.min()), int(pos_Bn.max())
-    blocks = hi // KEY_BLOCK + 1
+    query rows: the R heads of each of its n positions ``pos_Bn``, which run from ``lo`` to ``hi`` (M = n · R)."""
     M = q_BGMD.shape[2]
     # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
     q_BGMD = pad_rows(q_BGMD)
     Mp = q_BGMD.shape[2]
+    tile = _small_tile if Mp <= SMALL_TILE else _large_tile
+    acc, total, m = tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi)
+    if Mp == M:
+        return acc, total, m
+    return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
+
+
+def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
+    """``_tile`` for a tile of prefill or training rows: the scores as one [M, D] @ [D, keys] GEMM, then one
+    block of p at a time, so only one [M, KB] block of products is held."""
+    M = q_BGMD.shape[2]
+    blocks = hi // KEY_BLOCK + 1
     s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
-    if lo == hi:  # every row at one position (a decode step of one sequence, or of several in step)
+    if lo == hi:  # every row at one position
         s[..., lo + 1 :] = float("-inf")
     else:
-        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, Mp - M), value=hi)
+        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, M - pos_Bn.shape[1] * R), value=hi)
         key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
         s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
     m = s.amax(-1)
     p = s.sub_(m[..., None]).exp_()
-    if Mp <= SMALL_TILE:
-        # a decode tile: every block's products in one batched GEMM each (the same [Mp, KB] @ [KB, ·] products
-        # as below, fewer calls), then added in block order; the block-major copy of p is made once, for both
-        B, G = p.shape[:2]
-        p_blocks = p.view(B, G, Mp, blocks, KEY_BLOCK).transpose(2, 3).contiguous()
-        v_blocks = values_BGLD[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
-        parts, part_totals = p_blocks @ v_blocks, p_blocks @ ones
-        acc, total = parts[:, :, 0], part_totals[:, :, 0, :, :1]
-        for b in range(1, blocks):
-            acc, total = acc + parts[:, :, b], total + part_totals[:, :, b, :, :1]
+    acc = total = None
+    for b in range(blocks):
+        keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
+        part, part_total = p[..., keys] @ values_BGLD[:, :, keys], p[..., keys] @ ones
+        acc = part if acc is None else acc + part
+        total = part_total[..., :1] if total is None else total + part_total[..., :1]
+    return acc, total, m
+
+
+def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
+    """``_tile`` for a tile of at most ``SMALL_TILE`` rows (a decode step), in fewer and batched calls: the
+    scores come block-major, [B, G, blocks, M, KB] (each block's [M, D] @ [D, KB] a GEMM of the batch; a
+    score's bits do not depend on the keys beside it), so the products with V and with the ones need no copy
+    of p; their sums over blocks are one tensor, added in block order in place."""
+    B, G, M, _ = q_BGMD.shape
+    blocks = hi // KEY_BLOCK + 1
+    key_blocks = lambda x: x[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
+    s = q_BGMD[:, :, None] @ key_blocks(keys_BGLD).transpose(-1, -2)
+    if lo == hi:
+        s[:, :, -1, :, lo % KEY_BLOCK + 1 :] = float("-inf")
     else:
-        acc = total = None
-        for b in range(blocks):
-            keys = slice(b * KEY_BLOCK, (b + 1) * KEY_BLOCK)
-            part, part_total = p[..., keys] @ values_BGLD[:, :, keys], p[..., keys] @ ones
-            acc = part if acc is None else acc + part
-            total = part_total[..., :1] if total is None else total + part_total[..., :1]
-    return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
+        first = lo // KEY_BLOCK  # blocks before it are visible to every row
+        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, M - pos_Bn.shape[1] * R), value=hi)
+        key_pos = torch.arange(first * KEY_BLOCK, blocks * KEY_BLOCK, device=s.device).view(-1, 1, KEY_BLOCK)
+        s[:, :, first:].masked_fill_(key_pos > pos_BM[:, None, None, :, None], float("-inf"))
+    m = s.amax((2, 4))
+    p = s.sub_(m[:, :, None, :, None]).exp_()
+    sums = torch.cat([p @ key_blocks(values_BGLD), (p @ ones)[..., :1]], -1)  # [B, G, blocks, M, D + 1]
+    acc, *rest = sums.unbind(2)
+    for part in rest:
+        acc.add_(part)
+    return acc[..., :-1], acc[..., -1:], m
 
 
 class BlockAttention(torch.autograd.Function):
