@@ -60,7 +60,10 @@ class Settings:
     decode_batches: tuple[int, ...] = (1,)
     phases: tuple[str, ...] = ("fwd_bwd", "decode")
     repeats: int = 3
-    decode_repeats: int = 20
+    # a decode step takes 0.05-10 ms on a CPU: 200 of them (a few seconds per context) for a steadier median;
+    # on a shared 2-core machine the ratios still move by 10-40% from run to run (slow spells hit both paths
+    # of an interleaved pair, but not evenly)
+    decode_repeats: int = 200
     layer: bool = False
     layer_seq_len: int = 4096
     backend: str = "reference"
@@ -501,6 +504,9 @@ def register(sub) -> None:
     )
     p.add_argument("--phases", default=None, help="comma-separated subset of fwd_bwd,decode (default both)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 3)")
+    p.add_argument(
+        "--decode-repeats", type=int, default=None, help="timed decode steps per measurement (default 200)"
+    )
     p.add_argument("--layer", action="store_true", help="also one Ring-mini decoder layer fwd+bwd at T=4096")
     p.add_argument("--backend", choices=kernels.BACKENDS, default="reference")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -538,6 +544,8 @@ def run_from_args(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown phase(s) {sorted(bad)}; choose from fwd_bwd, decode")
     if args.repeats:
         changes["repeats"] = args.repeats
+    if args.decode_repeats:
+        changes["decode_repeats"] = args.decode_repeats
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     if args.threads:

@@ -40,11 +40,12 @@ def test_quick_benchmark_covers_every_op_path_and_decode_batch(tmp_path):
 
 
 def test_phases_choose_what_runs_and_a_bad_one_is_refused(tmp_path, capsys):
-    args = ["bench", "kernels", "--quick", "--ops", "gemm", "--phases", "decode", "--out", str(tmp_path)]
-    assert main(args) == 0
+    args = ["bench", "kernels", "--quick", "--ops", "gemm", "--phases", "decode", "--decode-repeats", "3"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("kernels-*.json")
     doc = json.loads(path.read_text())
     assert doc["fwd_bwd"] == [] and {r["op"] for r in doc["decode"]} == {"gemm"}
+    assert doc["settings"]["decode_repeats"] == 3
     capsys.readouterr()
     assert main(["bench", "kernels", "--quick", "--phases", "backward", "--out", str(tmp_path)]) == 2
     assert "unknown phase(s) ['backward']" in capsys.readouterr().err
