@@ -118,8 +118,11 @@ def test_a_changed_lr_schedule_is_announced(tmp_path, capsys):
     assert "learning-rate" not in capsys.readouterr().err and not (run_dir / "run.log").exists()
     prepare_resume(run_dir, ["run.steps=6"])
     err = capsys.readouterr().err
-    # the next step is the 3rd: of 4 linear-decay steps its lr is 4e-4 × (1 - 3/4), of 6, 4e-4 × (1 - 3/6)
-    expected = "trainer.lr_decay_steps 4 → 6 (null: run.steps); lr of the next step 0.0001 → 0.0002"
+    # the next step is the 3rd: of 4 linear-decay steps its lr is lr × (1 - 3/4), of 6, lr × (1 - 3/6)
+    lr = load_config(run_dir / "config.yaml").trainer.lr
+    expected = (
+        f"trainer.lr_decay_steps 4 → 6 (null: run.steps); lr of the next step {lr / 4:.3g} → {lr / 2:.3g}"
+    )
     assert expected in " ".join(err.split())
     assert expected in (run_dir / "run.log").read_text()
 
