@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlplat.cli import main
+from rlplat.dashboard.render import render_html
 from rlplat.train.checkpoint import latest_checkpoint, load_data_position
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,6 +81,8 @@ def test_run_writes_everything_and_resumes(local_ray, tmp_path):
         assert m["mismatch/routing_disagreement"] == 0.0  # same experts for every token, bitwise
     rollouts = lines(run_dir / "rollouts.jsonl")
     assert rollouts and all(r["mismatch"]["max_abs_dlogp"] == 0.0 for r in rollouts)
+    # re-rendered at most every DASHBOARD_EVERY_S during the run (step 2 came sooner) and at its end: current
+    assert (run_dir / "dashboard.html").read_text() == render_html(run_dir)
 
     assert main(["run", "--resume", str(run_dir), "run.steps=3"]) == 0
     assert [m["step"] for m in lines(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
