@@ -161,7 +161,7 @@ def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
     """``_tile`` for a tile of at most ``SMALL_TILE`` rows (a decode step), in fewer and batched calls: the
     scores come block-major, [B, G, blocks, M, KB] (each block's [M, D] @ [D, KB] a GEMM of the batch; a
     score's bits do not depend on the keys beside it), so the products with V and with the ones need no copy
-    of p; their sums over blocks are one tensor, added in block order in place."""
+    of p; their sums over blocks are added in block order, in place."""
     B, G, M, _ = q_BGMD.shape
     blocks = hi // KEY_BLOCK + 1
     key_blocks = lambda x: x[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
@@ -175,11 +175,12 @@ def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
         s[:, :, first:].masked_fill_(key_pos > pos_BM[:, None, None, :, None], float("-inf"))
     m = s.amax((2, 4))
     p = s.sub_(m[:, :, None, :, None]).exp_()
-    sums = torch.cat([p @ key_blocks(values_BGLD), (p @ ones)[..., :1]], -1)  # [B, G, blocks, M, D + 1]
-    acc, *rest = sums.unbind(2)
-    for part in rest:
+    acc, *parts = (p @ key_blocks(values_BGLD)).unbind(2)  # [B, G, M, D] per block
+    total, *part_totals = (p @ ones).unbind(2)
+    for part, part_total in zip(parts, part_totals):
         acc.add_(part)
-    return acc[..., :-1], acc[..., -1:], m
+        total.add_(part_total)
+    return acc, total[..., :1], m
 
 
 class BlockAttention(torch.autograd.Function):
