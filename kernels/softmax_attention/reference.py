@@ -55,8 +55,9 @@ def _query_rows(q_BTHD: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def _kv_rows(x_BTGD: torch.Tensor, span: int) -> torch.Tensor:
-    """[B, Tk, G, D] -> fp32 [B, G, ≥ span, D]. A cache kept as fp32 [B, G, L, D] memory with L ≥ span (what
-    ``rlplat.models.cache`` keeps) is used in place: a decode step copies nothing."""
+    """[B, Tk, G, D] -> fp32 [B, G, ≥ span, D]. A cache kept as fp32 [B, G, L, D] memory is used in place; with
+    L = span (``rlplat.models.cache`` keeps exactly the key blocks its longest row fills) a decode step copies
+    nothing, while spare blocks (L > span) make its block-batched GEMMs copy the visible keys and values."""
     x = x_BTGD.transpose(1, 2)
     if x.dtype != torch.float32 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         x = x.float().contiguous()

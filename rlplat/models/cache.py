@@ -7,7 +7,7 @@ capacity beyond each row's length.
 
 The layouts are the kernels' own, so a decode step reads them without a copy:
 - softmax layers keep keys and values as fp32 [B, G, L, D] (exact for any model dtype: attention computes in
-  fp32), capacity grown in whole key blocks of ``kernels.softmax_attention``;
+  fp32), L the whole key blocks of ``kernels.softmax_attention`` that the longest row fills;
 - linear layers keep what ``kernels.linear_attention`` returns for the kernel mode: in batch-invariant mode a
   ``ChunkState`` (fp32 state at the current chunk's start, plus the chunk's keys and values so far), in the
   plain mode the fp32 state after the last token (``state_BHDD`` alone).
@@ -57,7 +57,11 @@ class LayerCache:
             self.v_BGLD = v_BTGD.new_zeros(B, G, 0, D, dtype=torch.float32)
         capacity = self.k_BGLD.shape[2]
         if capacity < need:
-            grown = -(-max(need, 2 * capacity) // KEY_BLOCK) * KEY_BLOCK
+            # exactly the key blocks the longest row needs, not a doubling: a decode step batches its GEMMs over
+            # (kv head, key block), which views [G, L, D] memory in place only when L is the blocks it reads;
+            # spare blocks would make every step copy the visible keys and values, where growing copies the
+            # cache once per KEY_BLOCK tokens
+            grown = -(-need // KEY_BLOCK) * KEY_BLOCK
             self.k_BGLD = torch.nn.functional.pad(self.k_BGLD, (0, 0, 0, grown - capacity))
             self.v_BGLD = torch.nn.functional.pad(self.v_BGLD, (0, 0, 0, grown - capacity))
         rows = torch.arange(B, device=k_BTGD.device)[:, None].expand(B, T)
@@ -82,11 +86,22 @@ class ModelCache:
         )
 
     def select(self, rows: torch.Tensor) -> ModelCache:
+        """The cache of ``rows`` only; the KV capacity shrinks to the key blocks the longest kept row fills
+        (see ``LayerCache.append_kv``), in the copy that selecting rows makes anyway."""
+        lengths_B = self.lengths_B[rows]
+        kept = -(-int(lengths_B.max()) // KEY_BLOCK) * KEY_BLOCK if len(lengths_B) else 0
+
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
 
-        layers = [LayerCache(*(pick(t) for t in c.tensors())) for c in self.layers]
-        return ModelCache(self.lengths_B[rows], layers)
+        def pick_kv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows, :, :kept]
+
+        layers = []
+        for c in self.layers:
+            *linear, k, v = c.tensors()
+            layers.append(LayerCache(*(pick(t) for t in linear), pick_kv(k), pick_kv(v)))
+        return ModelCache(lengths_B, layers)
 
     @staticmethod
     def concat(caches: list[ModelCache]) -> ModelCache:
