@@ -78,8 +78,8 @@ from rlplat.train.batch import SampleGroups
 from rlplat.train.checkpoint import latest_checkpoint
 
 CHECKPOINTS = "checkpoints"
-# dashboard.html is re-rendered from the whole run's files (0.08 s and 5 MB by the default run's step 250, and
-# growing with the run), so at most this often and once at the end; `rlplat dashboard RUN_DIR` is the live view
+# dashboard.html is re-rendered at most this often during the loop, and at its end (`rlplat dashboard RUN_DIR` is
+# the live view)
 DASHBOARD_EVERY_S = 15.0
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,6 @@ class Controller:
         if cfg.run.mode == "async":
             self.source = self.start_async(step)
         failing = 0  # consecutive steps on which every sample's reward erred
-        next_dashboard = 0.0
         while step < cfg.run.steps and not should_stop():
             t0 = time.perf_counter()
             prompts = step_prompts(self.train_items, step, cfg.data.prompts_per_step, cfg.run.seed)
@@ -206,9 +205,7 @@ class Controller:
             # metrics.jsonl counts optimizer updates: line k is the state after k RL steps (0: warm start)
             self.log.log_metrics(step + 1, metrics)
             self.log.log_rollouts(step + 1, self.rollout_records(prompts, samples, probes))
-            if time.monotonic() >= next_dashboard:
-                self.log.write_dashboard()
-                next_dashboard = time.monotonic() + DASHBOARD_EVERY_S
+            self.log.write_dashboard(every_s=DASHBOARD_EVERY_S)
             progress.step(step, metrics)
             step += 1
             if 0 < cfg.run.stop_after_failed_reward_steps <= failing:

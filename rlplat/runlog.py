@@ -9,7 +9,8 @@ constants::
         for step in ...:
             log.log_rollouts(step, [{"prompt": p, "response": r, "reward": x, "mismatch": mismatch_summary(...)}])
             log.log_metrics(step, {M.REWARD_MEAN: 0.4, M.TIME_TRAIN: 1.2, ...})
-            log.write_dashboard()
+            log.write_dashboard(every_s=15)  # at most that often: a page re-reads the whole run
+        log.write_dashboard()
 
 Every line is flushed and fsynced before the call returns, so a crash loses at most the step being written; a
 line cut short by a crash is ended with a newline when the run resumes (and skipped by the reader). wandb is
@@ -127,6 +128,7 @@ class RunLog:
         # wandb adds a file handler (its debug log, under this run directory) to its logger and never removes it
         self._wandb_log_handlers = list(logging.getLogger("wandb").handlers)
         self._wandb_run = self._init_wandb(settings, config) if settings.mode != "disabled" else None
+        self._dashboard_written: float | None = None  # time.monotonic() of the last write_dashboard
 
     def _open_append(self, name: str) -> IO[bytes]:
         f = (self.run_dir / name).open("ab+")
@@ -212,10 +214,16 @@ class RunLog:
             ]
             self._wandb_run.log({"rollouts": wandb.Table(columns=columns, data=rows)}, step=step)
 
-    def write_dashboard(self) -> Path:
-        """Regenerate ``RUN_DIR/dashboard.html`` from the files written so far."""
+    def write_dashboard(self, every_s: float = 0.0) -> Path | None:
+        """Regenerate ``RUN_DIR/dashboard.html`` from the files written so far; with ``every_s``, only if the
+        last regeneration is that many seconds old (a page re-reads the whole run: 0.08 s and 5 MB by the
+        default run's step 250, growing with the run), else None."""
         from rlplat.dashboard.render import render_dashboard
 
+        now = time.monotonic()
+        if self._dashboard_written is not None and now - self._dashboard_written < every_s:
+            return None
+        self._dashboard_written = now
         return render_dashboard(self.run_dir)
 
     def close(self) -> None:

@@ -102,6 +102,19 @@ def test_resume_after_crash_mid_line(tmp_path):
     assert "skipped 1 malformed line (line 2: not JSON" in html
 
 
+def test_dashboard_rewritten_at_most_every_s_unless_forced(tmp_path):
+    from rlplat.dashboard.render import render_html
+
+    with RunLog(tmp_path, wandb={"mode": "disabled"}) as log:
+        log.log_metrics(1, {M.KL_REF: 0.1})
+        assert log.write_dashboard(every_s=3600) is not None  # the first is always written
+        log.log_metrics(2, {M.KL_REF: 0.2})
+        assert log.write_dashboard(every_s=3600) is None  # too soon: the page still shows step 1
+        assert (tmp_path / M.DASHBOARD_FILE).read_text() != render_html(tmp_path)
+        assert log.write_dashboard() is not None  # unthrottled (the end of a run)
+        assert (tmp_path / M.DASHBOARD_FILE).read_text() == render_html(tmp_path)
+
+
 def test_wandb_offline_writes_under_run_dir(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     # No key, and an unroutable server: offline mode must not need either.
