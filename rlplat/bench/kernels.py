@@ -60,7 +60,7 @@ class Settings:
     decode_batches: tuple[int, ...] = (1,)
     phases: tuple[str, ...] = ("fwd_bwd", "decode")
     repeats: int = 3
-    # a decode step takes 0.05-10 ms on a CPU: 200 of them (a few seconds per context) for a steadier median;
+    # a decode step takes 0.05-25 ms on a CPU: 200 of them (a few seconds per context) for a steadier median;
     # on a shared 2-core machine the ratios still move by 10-40% from run to run (slow spells hit both paths
     # of an interleaved pair, but not evenly)
     decode_repeats: int = 200
@@ -542,10 +542,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         bad = set(changes["phases"]) - {"fwd_bwd", "decode"}
         if bad or not changes["phases"]:
             raise ValueError(f"unknown phase(s) {sorted(bad)}; choose from fwd_bwd, decode")
-    if args.repeats:
-        changes["repeats"] = args.repeats
-    if args.decode_repeats:
-        changes["decode_repeats"] = args.decode_repeats
+    for name in ("repeats", "decode_repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: give at least 1")
+        if value is not None:
+            changes[name] = value
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is visible")
     if args.threads:

@@ -49,3 +49,5 @@ def test_phases_choose_what_runs_and_a_bad_one_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench", "kernels", "--quick", "--phases", "backward", "--out", str(tmp_path)]) == 2
     assert "unknown phase(s) ['backward']" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--quick", "--decode-repeats", "0", "--out", str(tmp_path)]) == 2
+    assert "--decode-repeats 0: give at least 1" in capsys.readouterr().err
