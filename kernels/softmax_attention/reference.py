@@ -93,22 +93,26 @@ def block_attention(
     ones = keys.new_ones(KEY_BLOCK, ONES_COLUMNS)
     if Tq <= QUERY_TILE:  # one tile (every decode step): no output buffer to fill, positions' range known
         q = q_BGTRD.reshape(B, G, Tq * R, D).float() * scale
-        acc, total, m = _tile(q, keys, values, ones, q_pos_BT, R, lo, hi)
-        o = (acc / total).view(B, G, Tq, R, D).transpose(1, 2).reshape(B, Tq, H, D).to(q_BTHD.dtype)
-        if not with_lse:
-            return o, None
-        return o, (m + torch.log(total[..., 0])).view(B, G, Tq, R).transpose(2, 3).reshape(B, H, Tq)
+        o, lse = _tile_output(*_tile(q, keys, values, ones, q_pos_BT, R, lo, hi), Tq, R, with_lse)
+        return o.reshape(B, Tq, H, D).to(q_BTHD.dtype), None if lse is None else lse.reshape(B, H, Tq)
     o_BTGRD = q_BTHD.new_empty(B, Tq, G, R, D)
     lse_BGRT = keys.new_empty(B, G, R, Tq) if with_lse else None
     for t0 in range(0, Tq, QUERY_TILE):
         t = slice(t0, min(t0 + QUERY_TILE, Tq))
         n = t.stop - t.start
         q = q_BGTRD[:, :, t].reshape(B, G, n * R, D).float() * scale
-        acc, total, m = _tile(q, keys, values, ones, q_pos_BT[:, t], R, *_position_range(q_pos_BT[:, t]))
-        o_BTGRD[:, t] = (acc / total).view(B, G, n, R, D).transpose(1, 2)
+        tile = _tile(q, keys, values, ones, q_pos_BT[:, t], R, *_position_range(q_pos_BT[:, t]))
+        o_BTGRD[:, t], lse = _tile_output(*tile, n, R, with_lse)
         if lse_BGRT is not None:
-            lse_BGRT[..., t] = (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3)
+            lse_BGRT[..., t] = lse
     return o_BTGRD.view(B, Tq, H, D), None if lse_BGRT is None else lse_BGRT.view(B, H, Tq)
+
+
+def _tile_output(acc, total, m, n, R, with_lse):
+    """A tile's output [B, n, G, R, D] and, ``with_lse``, its log-sum-exp [B, G, R, n] (else None), as views."""
+    B, G, _, D = acc.shape
+    o = (acc / total).view(B, G, n, R, D).transpose(1, 2)
+    return o, (m + torch.log(total[..., 0])).view(B, G, n, R).transpose(2, 3) if with_lse else None
 
 
 def _position_range(pos_Bn: torch.Tensor) -> tuple[int, int]:
@@ -127,24 +131,24 @@ def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
     # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
     q_BGMD = pad_rows(q_BGMD)
     Mp = q_BGMD.shape[2]
+    # each row's position, when the rows are not all at one (padding rows at the last)
+    pos_BM = None if lo == hi else F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, Mp - M), value=hi)
     tile = _small_tile if Mp <= SMALL_TILE else _large_tile
-    acc, total, m = tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi)
+    acc, total, m = tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi)
     if Mp == M:
         return acc, total, m
     return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
 
 
-def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
+def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi):
     """``_tile`` for a tile of prefill or training rows: the scores as one [M, D] @ [D, keys] GEMM, then one
     block of p at a time, so only one [M, KB] block of products is held."""
-    M = q_BGMD.shape[2]
     blocks = hi // KEY_BLOCK + 1
     s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
-    if lo == hi:  # every row at one position
+    if pos_BM is None:  # every row at one position
         s[..., lo + 1 :] = float("-inf")
     else:
-        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, M - pos_Bn.shape[1] * R), value=hi)
         key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
         s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
     m = s.amax(-1)
@@ -158,20 +162,19 @@ def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
     return acc, total, m
 
 
-def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
+def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi):
     """``_tile`` for a tile of at most ``SMALL_TILE`` rows (a decode step), in fewer and batched calls: the
     scores come block-major, [B, G, blocks, M, KB] (each block's [M, D] @ [D, KB] a GEMM of the batch; a
     score's bits do not depend on the keys beside it), so the products with V and with the ones need no copy
     of p; their sums over blocks are added in block order, in place."""
-    B, G, M, _ = q_BGMD.shape
+    B, G = q_BGMD.shape[:2]
     blocks = hi // KEY_BLOCK + 1
     key_blocks = lambda x: x[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
     s = q_BGMD[:, :, None] @ key_blocks(keys_BGLD).transpose(-1, -2)
-    if lo == hi:
+    if pos_BM is None:  # every row at one position: only the last block has keys past it
         s[:, :, -1, :, lo % KEY_BLOCK + 1 :] = float("-inf")
     else:
         first = lo // KEY_BLOCK  # blocks before it are visible to every row
-        pos_BM = F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, M - pos_Bn.shape[1] * R), value=hi)
         key_pos = torch.arange(first * KEY_BLOCK, blocks * KEY_BLOCK, device=s.device).view(-1, 1, KEY_BLOCK)
         s[:, :, first:].masked_fill_(key_pos > pos_BM[:, None, None, :, None], float("-inf"))
     m = s.amax((2, 4))
