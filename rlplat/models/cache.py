@@ -23,6 +23,12 @@ from kernels.linear_attention import ChunkState
 from kernels.softmax_attention.reference import KEY_BLOCK
 
 
+def kv_capacity(tokens: int) -> int:
+    """The KV cache's capacity for ``tokens`` positions: the whole key blocks they fill, no more (see
+    ``LayerCache.append_kv``)."""
+    return -(-tokens // KEY_BLOCK) * KEY_BLOCK
+
+
 @dataclass
 class LayerCache:
     state_BHDD: torch.Tensor | None = (
@@ -61,7 +67,7 @@ class LayerCache:
             # (kv head, key block), which views [G, L, D] memory in place only when L is the blocks it reads;
             # spare blocks would make every step copy the visible keys and values, where growing copies the
             # cache once per KEY_BLOCK tokens
-            grown = -(-need // KEY_BLOCK) * KEY_BLOCK
+            grown = kv_capacity(need)
             self.k_BGLD = torch.nn.functional.pad(self.k_BGLD, (0, 0, 0, grown - capacity))
             self.v_BGLD = torch.nn.functional.pad(self.v_BGLD, (0, 0, 0, grown - capacity))
         rows = torch.arange(B, device=k_BTGD.device)[:, None].expand(B, T)
@@ -89,7 +95,7 @@ class ModelCache:
         """The cache of ``rows`` only; the KV capacity shrinks to the key blocks the longest kept row fills
         (see ``LayerCache.append_kv``), in the copy that selecting rows makes anyway."""
         lengths_B = self.lengths_B[rows]
-        kept = -(-int(lengths_B.max()) // KEY_BLOCK) * KEY_BLOCK if len(lengths_B) else 0
+        kept = kv_capacity(int(lengths_B.max())) if len(lengths_B) else 0
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]

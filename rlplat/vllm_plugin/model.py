@@ -41,8 +41,8 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 import kernels
 from kernels.lm_head import reference as lm_head_reference
 from kernels.rope import rope_table
-from kernels.softmax_attention.reference import KEY_BLOCK
 from rlplat.models import LayerCache, ModelCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8
+from rlplat.models.cache import kv_capacity
 from rlplat.models.ring_linear import LinearAttention, Router, linear_attention_log_decay
 from rlplat.vllm_plugin.hf_config import ring_linear_config
 
@@ -127,7 +127,7 @@ class PagedKVCache(nn.Module, AttentionLayerBase):
         L = batch.max_context
         if L == 0:
             return LayerCache()
-        capacity = -(-L // KEY_BLOCK) * KEY_BLOCK
+        capacity = kv_capacity(L)
         pos_L = torch.arange(capacity, device=batch.context_R.device)
         cached_RL = pos_L[None, :] < batch.context_R[:, None]
         blocks_RL = md.block_table[: batch.num_reqs].long()[:, pos_L.clamp(max=L - 1) // S]
