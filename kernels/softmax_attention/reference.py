@@ -29,6 +29,8 @@ invariant; the gradient is deterministic for a given batch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -55,15 +57,16 @@ def _query_rows(q_BTHD: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def _kv_rows(x_BTGD: torch.Tensor, span: int) -> torch.Tensor:
-    """[B, Tk, G, D] -> fp32 [B, G, ≥ span, D]. A cache kept as fp32 [B, G, L, D] memory is used in place; with
-    L = span (``rlplat.models.cache`` keeps exactly the key blocks its longest row fills) a decode step copies
-    nothing, while spare blocks (L > span) make its block-batched GEMMs copy the visible keys and values."""
+    """[B, Tk, G, D] -> fp32 [B, G, span, D] (zero rows past Tk). A cache kept as fp32 [B, G, L, D] memory is used
+    in place; with L = span (``rlplat.models.cache`` keeps exactly the key blocks its longest row fills) a
+    decode step copies nothing, while spare blocks (L > span) make its block-batched GEMMs copy the visible keys
+    and values."""
     x = x_BTGD.transpose(1, 2)
     if x.dtype != torch.float32 or x.stride(-1) != 1 or x.stride(-2) != x.shape[-1]:
         x = x.float().contiguous()
     if x.shape[2] < span:
-        x = F.pad(x, (0, 0, 0, span - x.shape[2]))
-    return x
+        return F.pad(x, (0, 0, 0, span - x.shape[2]))
+    return x if x.shape[2] == span else x[:, :, :span]
 
 
 def block_attention(
@@ -86,12 +89,14 @@ def block_attention(
     B, Tq, H, D = q_BTHD.shape
     G = k_BTGD.shape[2]
     R = H // G
-    q_BGTRD = _query_rows(q_BTHD, G)
     lo, hi = _position_range(q_pos_BT)
     span = (hi // KEY_BLOCK + 1) * KEY_BLOCK
     keys, values = _kv_rows(k_BTGD, span), _kv_rows(v_BTGD, span)
-    ones = keys.new_ones(KEY_BLOCK, ONES_COLUMNS)
-    if Tq <= QUERY_TILE:  # one tile (every decode step): no output buffer to fill, positions' range known
+    if Tq * R <= SMALL_TILE:  # a decode step
+        return _small_tile(q_BTHD, keys, values, q_pos_BT, scale, lo, hi, with_lse)
+    q_BGTRD = _query_rows(q_BTHD, G)
+    ones = _ones(keys.device)
+    if Tq <= QUERY_TILE:  # one tile: no output buffer to fill, positions' range known
         q = q_BGTRD.reshape(B, G, Tq * R, D).float() * scale
         o, lse = _tile_output(*_tile(q, keys, values, ones, q_pos_BT, R, lo, hi), Tq, R, with_lse)
         return o.reshape(B, Tq, H, D).to(q_BTHD.dtype), None if lse is None else lse.reshape(B, H, Tq)
@@ -124,18 +129,28 @@ def _position_range(pos_Bn: torch.Tensor) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+@functools.cache
+def _ones(device: torch.device) -> torch.Tensor:
+    return torch.ones(KEY_BLOCK, ONES_COLUMNS, device=device)
+
+
+def _padded_rows(q_BGMD, pos_Bn, R, lo, hi):
+    """(the rows padded to a multiple of ``ROW_MULTIPLE``, each row's position [B, Mp] or None when all rows are
+    at one): padded once here rather than in each GEMM (as rows_matmul would); a padding row sits at the last
+    position, so it sees every key and its row is finite."""
+    M = q_BGMD.shape[-2]
+    q_BGMD = pad_rows(q_BGMD)
+    pos_BM = None if lo == hi else F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, q_BGMD.shape[-2] - M), value=hi)
+    return q_BGMD, pos_BM
+
+
 def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
     """(Σ_b P_b V_b [B, G, M, D], row sums l [B, G, M, 1], row max m [B, G, M]) for a tile of (pre-scaled)
     query rows: the R heads of each of its n positions ``pos_Bn``, which run from ``lo`` to ``hi`` (M = n · R)."""
     M = q_BGMD.shape[2]
-    # the rows padded once here rather than in each GEMM (as rows_matmul would); a padded row sees every key
-    q_BGMD = pad_rows(q_BGMD)
-    Mp = q_BGMD.shape[2]
-    # each row's position, when the rows are not all at one (padding rows at the last)
-    pos_BM = None if lo == hi else F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, Mp - M), value=hi)
-    tile = _small_tile if Mp <= SMALL_TILE else _large_tile
-    acc, total, m = tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi)
-    if Mp == M:
+    q_BGMD, pos_BM = _padded_rows(q_BGMD, pos_Bn, R, lo, hi)
+    acc, total, m = _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi)
+    if q_BGMD.shape[2] == M:
         return acc, total, m
     return acc[:, :, :M], total[:, :, :M], m[:, :, :M]
 
@@ -147,7 +162,7 @@ def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi):
     s = q_BGMD @ keys_BGLD[:, :, : blocks * KEY_BLOCK].transpose(-1, -2)
     # keys up to the tile's first position are visible to all its rows: only the rest needs the mask
     if pos_BM is None:  # every row at one position
-        s[..., lo + 1 :] = float("-inf")
+        s[..., lo + 1 :].fill_(float("-inf"))
     else:
         key_pos = torch.arange(lo + 1, blocks * KEY_BLOCK, device=s.device)
         s[..., lo + 1 :].masked_fill_(key_pos[None, None, None, :] > pos_BM[:, None, :, None], float("-inf"))
@@ -162,29 +177,48 @@ def _large_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi):
     return acc, total, m
 
 
-def _small_tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_BM, lo, hi):
-    """``_tile`` for a tile of at most ``SMALL_TILE`` rows (a decode step), in fewer and batched calls: the
-    scores come block-major, [B, G, blocks, M, KB] (each block's [M, D] @ [D, KB] a GEMM of the batch; a
-    score's bits do not depend on the keys beside it), so the products with V and with the ones need no copy
-    of p; their sums over blocks are added in block order, in place."""
-    B, G = q_BGMD.shape[:2]
+def _small_tile(q_BTHD, keys_BGLD, values_BGLD, q_pos_BT, scale, lo, hi, with_lse):
+    """``block_attention`` for one tile of at most ``SMALL_TILE`` rows (a decode step). The scores come
+    block-major, [B, G, blocks, M, KB], each block's [M, D] @ [D, KB] one GEMM of a ``bmm`` (a score's bits do not
+    depend on the keys beside it), so the products with V and with the ones read p in place; their sums over
+    blocks are added in block order, in place. At short contexts a decode step's time is mostly per-call
+    overhead (a view or an index costs 1-3 µs, a GEMM ~10), hence the plain ``bmm`` calls and the views skipped
+    when a decode step of one position does not need them."""
+    B, Tq, H, D = q_BTHD.shape
+    G = keys_BGLD.shape[1]
+    R, M = H // G, Tq * H // G
+    q = q_BTHD.view(B, G, 1, R, D) if Tq == 1 else _query_rows(q_BTHD, G).reshape(B, G, 1, M, D)
+    q, pos_BM = _padded_rows(q, q_pos_BT, R, lo, hi)
+    Mp = q.shape[-2]
     blocks = hi // KEY_BLOCK + 1
-    key_blocks = lambda x: x[:, :, : blocks * KEY_BLOCK].view(B, G, blocks, KEY_BLOCK, -1)
-    s = q_BGMD[:, :, None] @ key_blocks(keys_BGLD).transpose(-1, -2)
+    n = B * G * blocks
+    key_blocks = lambda x: x.reshape(n, KEY_BLOCK, D)  # a view of the cache when it holds exactly these blocks
+    q = (q.float() * scale).expand(B, G, blocks, Mp, D).reshape(n, Mp, D)
+    s_n = torch.bmm(q, key_blocks(keys_BGLD).transpose(1, 2))
+    s = s_n.view(B, G, blocks, Mp, KEY_BLOCK)
     if pos_BM is None:  # every row at one position: only the last block has keys past it
-        s[:, :, -1, :, lo % KEY_BLOCK + 1 :] = float("-inf")
+        s[:, :, -1, :, lo % KEY_BLOCK + 1 :].fill_(float("-inf"))
     else:
         first = lo // KEY_BLOCK  # blocks before it are visible to every row
         key_pos = torch.arange(first * KEY_BLOCK, blocks * KEY_BLOCK, device=s.device).view(-1, 1, KEY_BLOCK)
         s[:, :, first:].masked_fill_(key_pos > pos_BM[:, None, None, :, None], float("-inf"))
-    m = s.amax((2, 4))
-    p = s.sub_(m[:, :, None, :, None]).exp_()
-    acc, *parts = (p @ key_blocks(values_BGLD)).unbind(2)  # [B, G, M, D] per block
-    total, *part_totals = (p @ ones).unbind(2)
+    m = s.amax((2, 4), keepdim=True)
+    s.sub_(m).exp_()
+    acc, *parts = torch.bmm(s_n, key_blocks(values_BGLD)).view(B, G, blocks, Mp, D).unbind(2)
+    total, *part_totals = (s_n @ _ones(s.device)).view(B, G, blocks, Mp, -1).unbind(2)
     for part, part_total in zip(parts, part_totals):
         acc.add_(part)
         total.add_(part_total)
-    return acc, total[..., :1], m
+    if Mp != M:
+        acc, total, m = acc[:, :, :M], total[:, :, :M], m[..., :M, :]
+    o = acc / total[..., :1]
+    o = o.view(B, Tq, H, D) if Tq == 1 else o.view(B, G, Tq, R, D).transpose(1, 2).reshape(B, Tq, H, D)
+    if o.dtype != q_BTHD.dtype:
+        o = o.to(q_BTHD.dtype)
+    if not with_lse:
+        return o, None
+    lse = m.view(B, G, M) + torch.log(total[..., 0])
+    return o, lse.view(B, G, Tq, R).transpose(2, 3).reshape(B, H, Tq)
 
 
 class BlockAttention(torch.autograd.Function):
