@@ -140,8 +140,9 @@ def _padded_rows(q_BGMD, pos_Bn, R, lo, hi):
     position, so it sees every key and its row is finite."""
     M = q_BGMD.shape[-2]
     q_BGMD = pad_rows(q_BGMD)
-    pos_BM = None if lo == hi else F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, q_BGMD.shape[-2] - M), value=hi)
-    return q_BGMD, pos_BM
+    if lo == hi:
+        return q_BGMD, None
+    return q_BGMD, F.pad(pos_Bn.repeat_interleave(R, dim=1), (0, q_BGMD.shape[-2] - M), value=hi)
 
 
 def _tile(q_BGMD, keys_BGLD, values_BGLD, ones, pos_Bn, R, lo, hi):
@@ -192,7 +193,8 @@ def _small_tile(q_BTHD, keys_BGLD, values_BGLD, q_pos_BT, scale, lo, hi, with_ls
     Mp = q.shape[-2]
     blocks = hi // KEY_BLOCK + 1
     n = B * G * blocks
-    key_blocks = lambda x: x.reshape(n, KEY_BLOCK, D)  # a view of the cache when it holds exactly these blocks
+    # [n, KB, D]: a view of the cache when it holds exactly these blocks
+    key_blocks = lambda x: x.reshape(n, KEY_BLOCK, D)
     q = (q.float() * scale).expand(B, G, blocks, Mp, D).reshape(n, Mp, D)
     s_n = torch.bmm(q, key_blocks(keys_BGLD).transpose(1, 2))
     s = s_n.view(B, G, blocks, Mp, KEY_BLOCK)
