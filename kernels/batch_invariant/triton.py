@@ -217,7 +217,8 @@ def grouped_linear(
         raise ValueError(
             f"grouped_linear: x_rows is {x_rows.dtype} but weights are {weights.dtype}; cast one"
         )
-    counts = torch.as_tensor(rows_per_group, dtype=torch.int64, device=x_rows.device)
+    # a list becomes a CPU tensor here, so it is checked before it moves to x_rows' device
+    counts = torch.as_tensor(rows_per_group, dtype=torch.int64)
     if counts.shape != (weights.shape[0],):
         raise ValueError(
             f"grouped_linear: rows_per_group needs one count per weight ({weights.shape[0]}), "
@@ -228,4 +229,4 @@ def grouped_linear(
             f"grouped_linear: rows_per_group must be non-negative and sum to the {x_rows.shape[0]} rows of "
             f"x_rows, got {counts.tolist()}"
         )
-    return _GroupedLinear.apply(x_rows, counts, weights, tiles)
+    return _GroupedLinear.apply(x_rows, counts.to(x_rows.device), weights, tiles)
