@@ -27,7 +27,7 @@ import argparse
 import multiprocessing as mp
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -249,12 +249,12 @@ def _token_by_token(op: str, x: dict[str, Any]) -> torch.Tensor:
     T = x["q"].shape[1]
     outs = []
     if op == "linear_attention":
-        state = None
+        state, dev = None, x["q"].device  # positions on the inputs' device: a Triton kernel reads them there
         for t in range(T):
             s = slice(t, t + 1)
             o, state = linear_attention(
-                x["q"][:, s], x["k"][:, s], x["v"][:, s], x["decay"], D**-0.5, state, torch.tensor([t]),
-                torch.tensor([1]),
+                x["q"][:, s], x["k"][:, s], x["v"][:, s], x["decay"], D**-0.5, state,
+                torch.tensor([t], device=dev), torch.tensor([1], device=dev),
             )  # fmt: skip
             outs.append(o)
         return torch.cat(outs, 1)
@@ -265,8 +265,8 @@ def _token_by_token(op: str, x: dict[str, Any]) -> torch.Tensor:
 
 
 # The measurements
-def bench_fwd_bwd(settings: Settings, log: Callable[[str], None]) -> list[dict]:
-    rows = []
+def bench_fwd_bwd(settings: Settings, log: Callable[[str], None]) -> Iterator[dict]:
+    """Rows as they are measured (an interrupted run keeps the ones done)."""
     have_fla = settings.device == "cuda" and _fla_available()
     for op in settings.ops:
         for dtype_name in settings.dtypes:
@@ -276,13 +276,14 @@ def bench_fwd_bwd(settings: Settings, log: Callable[[str], None]) -> list[dict]:
                     path: in_mode(settings, inv, lambda x=x, op=op: fwd_bwd(op, x))
                     for path, inv in PATHS.items()
                 }
-                if have_fla and op == "linear_attention":
+                # bf16 only: FLA autotunes each kernel per dtype, minutes of a GPU check's few
+                if have_fla and op == "linear_attention" and dtype_name == "bf16":
                     fns["fla"] = lambda x=x, op=op: fwd_bwd(op, x, fla_forward)
                 for path, times in interleaved(fns, settings.repeats, settings.device).items():
                     invariant = PATHS.get(path, False)
                     fn = fla_forward if path == "fla" else None
                     peak = peak_bytes(settings, op, T, dtype_name, invariant, fn)
-                    rows.append(
+                    yield (
                         {
                             "op": op, "dtype": dtype_name, "T": T, "path": path, "seconds": statistics.median(times),
                             "seconds_all": times, "peak_mb": peak / 2**20,
@@ -292,12 +293,10 @@ def bench_fwd_bwd(settings: Settings, log: Callable[[str], None]) -> list[dict]:
                         f"{op} {dtype_name} T={T} {path}: {statistics.median(times):.4f} s, {peak / 2**20:.0f} MB"
                     )
                 del x
-    return rows
 
 
 @torch.no_grad()
-def bench_decode(settings: Settings, log: Callable[[str], None]) -> list[dict]:
-    rows = []
+def bench_decode(settings: Settings, log: Callable[[str], None]) -> Iterator[dict]:
     for op in settings.ops:
         for dtype_name in settings.dtypes:
             dtype = DTYPES[dtype_name]
@@ -308,14 +307,13 @@ def bench_decode(settings: Settings, log: Callable[[str], None]) -> list[dict]:
                         for path, inv in PATHS.items()
                     }
                     for path, times in interleaved(fns, settings.decode_repeats, settings.device).items():
-                        rows.append(
+                        yield (
                             {
                                 "op": op, "dtype": dtype_name, "context": L, "batch": b, "path": path,
                                 "ms": 1e3 * statistics.median(times), "ms_best": 1e3 * min(times),
                             }
                         )  # fmt: skip
                     log(f"decode {op} {dtype_name} L={L} B={b} done")
-    return rows
 
 
 def _decode_fn(
@@ -348,20 +346,18 @@ def _decode_fn(
     return lambda: softmax_attention(q, cache_k, cache_v, pos, D**-0.5)
 
 
-def bench_layer(settings: Settings, log: Callable[[str], None]) -> list[dict]:
+def bench_layer(settings: Settings, log: Callable[[str], None]) -> Iterator[dict]:
     """One Ring-mini-linear-2.0 decoder layer (linear attention + MoE), forward + backward, B = 1: each path in a
     fresh process (so neither inherits the other's allocator state), the better of two timed steps."""
-    rows = []
     for path, invariant in PATHS.items():
         if settings.device == "cpu":
             seconds, peak = _in_fresh_process(_layer_child, (settings, invariant, torch.get_num_threads()))
         else:
             seconds, peak = _layer_child((settings, invariant, None))
-        rows.append({"T": settings.layer_seq_len, "path": path, "seconds": seconds, "peak_mb": peak / 2**20})
+        yield {"T": settings.layer_seq_len, "path": path, "seconds": seconds, "peak_mb": peak / 2**20}
         log(
             f"layer T={settings.layer_seq_len} {path}: {seconds:.2f} s, {peak / 2**20:.0f} MB above weights and input"
         )
-    return rows
 
 
 def _layer_child(args: tuple) -> tuple[float, int]:
@@ -479,17 +475,32 @@ def run(settings: Settings, console: Console, out_dir: str = "bench_results") ->
     log = lambda msg: console.log(msg)
     checks = [check_op(settings, op, DTYPES[d]) for op in settings.ops for d in settings.dtypes]
     log("correctness gate passed: " + ", ".join(f"{c['op']} {c['dtype']}" for c in checks))
-    fb = bench_fwd_bwd(settings, log) if "fwd_bwd" in settings.phases else []
-    dec = bench_decode(settings, log) if "decode" in settings.phases else []
-    layer = bench_layer(settings, log) if settings.layer else []
+    fb: list[dict] = []
+    dec: list[dict] = []
+    layer: list[dict] = []
+    phases = [
+        (fb, bench_fwd_bwd, "fwd_bwd" in settings.phases),
+        (dec, bench_decode, "decode" in settings.phases),
+        (layer, bench_layer, settings.layer),
+    ]
+    interrupted = False
+    try:
+        for rows, bench, wanted in phases:
+            for row in bench(settings, log) if wanted else ():
+                rows.append(row)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: what was measured is still written
+        interrupted = True
+        log("interrupted: writing the measurements taken so far")
     summary = ratios(fb, dec)
     console.print(table(summary))
     payload = {
         "settings": asdict(settings), "kernel_mode": str(kernels.get_mode()), "checks": checks, "fwd_bwd": fb,
-        "decode": dec, "layer": layer, "ratios": summary,
+        "decode": dec, "layer": layer, "ratios": summary, "interrupted": interrupted,
     }  # fmt: skip
     path = write_result("kernels", payload, out_dir)
-    console.print(f"results: {path}")
+    console.print(f"results: {path}" + (" (interrupted: partial)" if interrupted else ""))
+    if interrupted:
+        raise KeyboardInterrupt
     return payload
 
 

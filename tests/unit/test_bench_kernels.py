@@ -51,3 +51,25 @@ def test_phases_choose_what_runs_and_a_bad_one_is_refused(tmp_path, capsys):
     assert "unknown phase(s) ['backward']" in capsys.readouterr().err
     assert main(["bench", "kernels", "--quick", "--decode-repeats", "0", "--out", str(tmp_path)]) == 2
     assert "--decode-repeats 0: give at least 1" in capsys.readouterr().err
+
+
+def test_an_interrupted_benchmark_writes_what_it_measured(tmp_path, monkeypatch, capsys):
+    """Ctrl-C, or the SIGINT of a time limit (scripts/gpu_check.sh), mid-decode: the rows measured so far are
+    written, marked interrupted, and the command exits 130."""
+    measured = bench_kernels.bench_decode
+
+    def interrupted_after_two(settings, log):
+        rows = measured(settings, log)
+        yield next(rows)
+        yield next(rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_kernels, "bench_decode", interrupted_after_two)
+    args = ["bench", "kernels", "--quick", "--ops", "gemm", "--phases", "decode", "--decode-repeats", "2"]
+    assert main([*args, "--out", str(tmp_path)]) == 130
+    (path,) = tmp_path.glob("kernels-*.json")
+    doc = json.loads(path.read_text())
+    assert doc["interrupted"] is True
+    assert {r["path"] for r in doc["decode"]} == set(bench_kernels.PATHS) and len(doc["decode"]) == 2
+    assert [r["phase"] for r in doc["ratios"]] == ["decode"]
+    assert "partial" in capsys.readouterr().out
