@@ -9,6 +9,7 @@ rm -rf .whl && mkdir -p .whl
 python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5" \
-  "omegaconf==2.4.0" "antlr4-python3-runtime==4.13.2" "redis==8.2.0" "fla-core==0.6.0"
+  "omegaconf==2.4.0" "antlr4-python3-runtime==4.13.2" "redis==8.2.0" "fla-core==0.6.0" \
+  "typing-extensions==4.16.0"  # pydantic 2.14 needs >= 4.16; the image's own may be older
 ls -1 .whl
 du -sh .whl
