@@ -11,8 +11,9 @@ Measured: forward + backward time and peak memory above the inputs (CPU: the pro
 mark, each measurement in a fresh process; GPU: ``torch.cuda.max_memory_allocated``) for B = 1 and each T; and
 the time of one decode step (no grad) of ``--decode-batches`` sequences (default 1), each against a context of L
 tokens (gemm: that many rows). On a GPU with
-``flash-linear-attention`` installed, FLA's chunked simple-GLA kernel is timed as well (a reference for speed,
-not an rlplat path). ``--layer`` adds one whole decoder layer of Ring-mini-linear-2.0 (hidden 2048, 16 heads,
+``flash-linear-attention`` installed, FLA's chunked simple-GLA kernel is timed as well in bf16 (a reference for
+speed, not an rlplat path). An interrupted run (Ctrl-C, a time limit's SIGINT) writes the rows measured so far,
+marked ``"interrupted": true``, and exits 130. ``--layer`` adds one whole decoder layer of Ring-mini-linear-2.0 (hidden 2048, 16 heads,
 256 experts of width 512 + shared expert) forward + backward at T = 4096 on each path.
 
 Nothing is timed before the correctness gate passes: for each op, the invariant path's rows must be bitwise the

@@ -84,6 +84,9 @@ class PagedKVBackend(AttentionBackend):
 
     @staticmethod
     def get_impl_cls():
+        # vLLM's own convention for a backend without an impl: its base class catches NotImplementedError here
+        # (supports_pcp / supports_dcp answer False), and only vLLM's Attention layer would build an impl, which
+        # PagedKVCache is not: the model's softmax layers call kernels.softmax_attention on the gathered cache
         raise NotImplementedError("rlplat's softmax layers compute attention themselves; there is no impl")
 
     @staticmethod
