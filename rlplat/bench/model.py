@@ -32,10 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
 import kernels
+from kernels.softmax_attention.reference import values_with_ones
 from rlplat.bench.common import (
     PATHS,
     CorrectnessError,
@@ -45,6 +47,7 @@ from rlplat.bench.common import (
     write_result,
 )
 from rlplat.models import PRESETS, LayerCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8, preset
+from rlplat.models.cache import kv_capacity
 from rlplat.models.presets import check_presets
 from rlplat.models.ring_linear import DecoderLayer, count_parameters
 
@@ -280,15 +283,18 @@ def bench_decode(settings: Settings, log: Callable[[str], None]) -> tuple[list[d
         for L in settings.decode_contexts:
             pos = torch.full((B, 1), L)
             # The caches in each mode's layout (rlplat.models.cache), random rather than prefilled: a step's cost
-            # depends only on their shapes. The softmax cache has room for position L, so it never grows; the step
-            # writes the same key there every repeat, and the linear layers replace their state tensors.
-            kv0 = [torch.randn(B, G, L + 1, D, generator=gen) for _ in range(2)]
+            # depends only on their shapes. The softmax cache holds position L and has the engine's capacity (the
+            # whole key blocks L + 1 tokens fill), so it never grows; the step writes the same key there every
+            # repeat, and the linear layers replace their state tensors.
+            spare = (0, 0, 0, kv_capacity(L + 1) - (L + 1))  # zero past the cached tokens, as the engine's
+            k0 = F.pad(torch.randn(B, G, L + 1, D, generator=gen), spare)
+            v0 = F.pad(values_with_ones(torch.randn(B, G, L + 1, D, generator=gen)), spare)
             chunk = [torch.where(torch.arange(C)[:, None] < L % C, t, 0) for t in chunk0]
             new_cache = {
                 ("linear", True): partial(LayerCache, state0, *chunk),
                 ("linear", False): partial(LayerCache, state0),
-                ("softmax", True): partial(LayerCache, k_BGLD=kv0[0], v_BGLD=kv0[1]),
-                ("softmax", False): partial(LayerCache, k_BGLD=kv0[0], v_BGLD=kv0[1]),
+                ("softmax", True): partial(LayerCache, k_BGLD=k0, v_BGLD=v0),
+                ("softmax", False): partial(LayerCache, k_BGLD=k0, v_BGLD=v0),
             }
             fns = {
                 (path, kind, part): in_mode(invariant, fn)

@@ -6,8 +6,10 @@ leave and join the batch. A row's numbers do not depend on the others, and the a
 capacity beyond each row's length.
 
 The layouts are the kernels' own, so a decode step reads them without a copy:
-- softmax layers keep keys and values as fp32 [B, G, L, D] (exact for any model dtype: attention computes in
-  fp32), L the whole key blocks of ``kernels.softmax_attention`` that the longest row fills;
+- softmax layers keep keys as fp32 [B, G, L, D] and values as fp32 [B, G, L, D + ONES_COLUMNS], each value
+  followed by ones (exact for any model dtype: attention computes in fp32; the block-aligned form gets its row
+  sums from the ones in the GEMM with the values), L the whole key blocks of ``kernels.softmax_attention`` that
+  the longest row fills;
 - linear layers keep what ``kernels.linear_attention`` returns for the kernel mode: in batch-invariant mode a
   ``ChunkState`` (fp32 state at the current chunk's start, plus the chunk's keys and values so far), in the
   plain mode the fp32 state after the last token (``state_BHDD`` alone).
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kernels.linear_attention import ChunkState
-from kernels.softmax_attention.reference import KEY_BLOCK
+from kernels.softmax_attention.reference import KEY_BLOCK, ONES_COLUMNS, values_with_ones
 
 
 def kv_capacity(tokens: int) -> int:
@@ -37,7 +39,7 @@ class LayerCache:
     keys_BHCD: torch.Tensor | None = None  # linear attention, invariant mode: the current chunk's keys ...
     values_BHCD: torch.Tensor | None = None  # ... and values (zero beyond its fill)
     k_BGLD: torch.Tensor | None = None  # softmax attention, fp32
-    v_BGLD: torch.Tensor | None = None
+    v_BGLD: torch.Tensor | None = None  # ... [B, G, L, D + ONES_COLUMNS]: each value followed by ones
 
     def linear_state(self) -> ChunkState | torch.Tensor | None:
         if self.state_BHDD is None:
@@ -55,12 +57,20 @@ class LayerCache:
     def append_kv(
         self, k_BTGD: torch.Tensor, v_BTGD: torch.Tensor, positions_BT: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write new keys/values at their absolute positions; return the whole cache as [B, L, G, D] views."""
+        """Write new keys/values at their absolute positions; return the whole cache as views, keys [B, L, G, D]
+        and values [B, L, G, D + ONES_COLUMNS] (``kernels.softmax_attention`` takes them as they are)."""
         B, T, G, D = k_BTGD.shape
         need = int(positions_BT.max()) + 1 if positions_BT.numel() else 0
         if self.k_BGLD is None:
             self.k_BGLD = k_BTGD.new_zeros(B, G, 0, D, dtype=torch.float32)
-            self.v_BGLD = v_BTGD.new_zeros(B, G, 0, D, dtype=torch.float32)
+            self.v_BGLD = v_BTGD.new_zeros(B, G, 0, D + ONES_COLUMNS, dtype=torch.float32)
+        elif self.v_BGLD.shape[-1] != D + ONES_COLUMNS:
+            raise ValueError(
+                f"KV cache values are [..., {self.v_BGLD.shape[-1]}] but this layout keeps D + {ONES_COLUMNS} = "
+                f"{D + ONES_COLUMNS} columns (each value followed by ones): a cache from before that layout; "
+                "rebuild it (a prefill), or convert its values with kernels.softmax_attention.reference."
+                "values_with_ones"
+            )
         capacity = self.k_BGLD.shape[2]
         if capacity < need:
             # exactly the key blocks the longest row needs, not a doubling: a decode step batches its GEMMs over
@@ -73,7 +83,7 @@ class LayerCache:
         rows = torch.arange(B, device=k_BTGD.device)[:, None].expand(B, T)
         # [B, T, G, D] written at (row, :, position): index with (row, position) on the [B, L, G, D] view
         self.k_BGLD.transpose(1, 2)[rows, positions_BT] = k_BTGD.float()
-        self.v_BGLD.transpose(1, 2)[rows, positions_BT] = v_BTGD.float()
+        self.v_BGLD.transpose(1, 2)[rows, positions_BT] = values_with_ones(v_BTGD)
         return self.k_BGLD.transpose(1, 2), self.v_BGLD.transpose(1, 2)
 
     def tensors(self) -> tuple[torch.Tensor | None, ...]:

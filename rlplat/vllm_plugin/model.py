@@ -41,6 +41,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 import kernels
 from kernels.lm_head import reference as lm_head_reference
 from kernels.rope import rope_table
+from kernels.softmax_attention.reference import values_with_ones
 from rlplat.models import LayerCache, ModelCache, RingLinearConfig, RingLinearForCausalLM, enable_fp8
 from rlplat.models.cache import kv_capacity
 from rlplat.models.ring_linear import LinearAttention, Router, linear_attention_log_decay
@@ -123,9 +124,9 @@ class PagedKVCache(nn.Module, AttentionLayerBase):
         )
 
     def gather(self, md: PagedKVMetadata, batch: _Batch) -> LayerCache:
-        """Each request's cached keys/values as rlplat's cache keeps them: fp32 [R, G, L, D], L the longest
-        cached context rounded up to whole key blocks, zero beyond each request's own context (a block's tail
-        may hold a finished request's tokens)."""
+        """Each request's cached keys/values as rlplat's cache keeps them: fp32 [R, G, L, D] (values followed by
+        their ones, see ``LayerCache``), L the longest cached context rounded up to whole key blocks, keys and
+        values zero beyond each request's own context (a block's tail may hold a finished request's tokens)."""
         S, D = self.kv_cache.shape[2], self.head_dim
         L = batch.max_context
         if L == 0:
@@ -136,14 +137,14 @@ class PagedKVCache(nn.Module, AttentionLayerBase):
         blocks_RL = md.block_table[: batch.num_reqs].long()[:, pos_L.clamp(max=L - 1) // S]
         kv_RLGD2 = self.kv_cache[blocks_RL, :, (pos_L.clamp(max=L - 1) % S).expand_as(blocks_RL)]
         kv_RGLD2 = torch.where(cached_RL[:, :, None, None], kv_RLGD2.float(), 0.0).transpose(1, 2)
-        return LayerCache(k_BGLD=kv_RGLD2[..., :D].contiguous(), v_BGLD=kv_RGLD2[..., D:].contiguous())
+        return LayerCache(k_BGLD=kv_RGLD2[..., :D].contiguous(), v_BGLD=values_with_ones(kv_RGLD2[..., D:]))
 
     def scatter(self, cache: LayerCache, md: PagedKVMetadata, batch: _Batch) -> None:
         """Write the keys/values of this step's real tokens into their slots."""
         S = self.kv_cache.shape[2]
         positions_N = batch.context_R[batch.row_N] + batch.col_N
         k_NGD = cache.k_BGLD[batch.row_N, :, positions_N]
-        v_NGD = cache.v_BGLD[batch.row_N, :, positions_N]
+        v_NGD = cache.v_BGLD[batch.row_N, :, positions_N, : self.head_dim]  # without the ones
         slots_N = md.slot_mapping[: batch.num_tokens].long()
         self.kv_cache[slots_N // S, :, slots_N % S] = torch.cat([k_NGD, v_NGD], dim=-1).to(
             self.kv_cache.dtype

@@ -12,6 +12,7 @@ from kernels.lm_head import lm_head_logprobs
 from kernels.moe_routing import expert_rows, group_limited_topk
 from kernels.rmsnorm import rms_norm
 from kernels.softmax_attention import softmax_attention
+from kernels.softmax_attention.reference import values_with_ones
 
 
 def rel_err(a, b):
@@ -57,6 +58,23 @@ def test_softmax_attention_modes_agree_and_match_definition():
     s = s.masked_fill(torch.ones(21, 21, dtype=torch.bool).triu(1), float("-inf"))
     ref = torch.einsum("bhts,bshd->bthd", s.softmax(-1), vv)
     assert rel_err(inv, ref) < 1e-6 and rel_err(plain, ref) < 1e-6
+
+
+def test_softmax_attention_takes_values_as_the_cache_keeps_them():
+    """Values followed by their ones (the KV cache's layout, read in place by the block-aligned form) give the
+    output of the plain values, bitwise in both modes, for a prefill and for a decode step; other widths are
+    refused."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 5, 4, 16, generator=g)
+    k, v = torch.randn(2, 300, 2, 16, generator=g), torch.randn(2, 300, 2, 16, generator=g)
+    for pos in (torch.arange(295, 300).expand(2, 5), torch.tensor([[7], [299]])):
+        for invariant in (True, False):
+            with kernels.kernel_mode(batch_invariant=invariant):
+                qp = q[:, : pos.shape[1]]
+                want = softmax_attention(qp, k, v, pos, 0.25)
+                assert torch.equal(softmax_attention(qp, k, values_with_ones(v), pos, 0.25), want)
+    with pytest.raises(ValueError, match="followed by ones"):
+        softmax_attention(q, k, torch.randn(2, 300, 2, 17), torch.arange(295, 300).expand(2, 5), 0.25)
 
 
 def test_tree_sum_ignores_zero_padding_and_batch():
