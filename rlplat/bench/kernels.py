@@ -487,8 +487,9 @@ def run(settings: Settings, console: Console, out_dir: str = "bench_results") ->
     interrupted = False
     try:
         for rows, bench, wanted in phases:
-            for row in bench(settings, log) if wanted else ():
-                rows.append(row)
+            if wanted:
+                for row in bench(settings, log):  # row by row: an interrupt keeps the rows already measured
+                    rows.append(row)
     except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: what was measured is still written
         interrupted = True
         log("interrupted: writing the measurements taken so far")
